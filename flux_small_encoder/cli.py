@@ -1,0 +1,180 @@
+"""The `flux-small-encoder` command: one function per subcommand, each registered by its `add_*_parser`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+EPILOG = """examples:
+  flux-small-encoder list
+  flux-small-encoder demo --out demo.png
+  flux-small-encoder generate "a cat holding a sign that says hello" --model black-forest-labs/FLUX.1-dev \\
+      --encoder t5-base-distilled --out cat.png
+"""
+
+
+class CLIError(Exception):
+    """An error the user can fix: printed as one message, without a traceback."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="flux-small-encoder",
+        description="Small distilled T5 text encoders for FLUX: list, generate, demo.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parser in SUBCOMMANDS:
+        add_parser(subparsers)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except CLIError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+
+
+# --- list ----------------------------------------------------------------------------------------------------------
+
+
+def add_list_parser(subparsers) -> None:
+    parser = subparsers.add_parser("list", help="list the registered distilled encoders")
+    parser.set_defaults(func=run_list)
+
+
+def run_list(args) -> None:
+    from .registry import get_pretrained_spec, list_pretrained
+
+    for name in list_pretrained():
+        spec = get_pretrained_spec(name)
+        revision = spec.revision or "default branch"
+        print(f"{name}\n  repo: {spec.repo_id} ({revision})\n  replaces: {spec.teacher} ({spec.out_dim} wide)")
+        print(f"  tokenizer: {spec.tokenizer}\n  license: {spec.license or 'see the repo card'}")
+        print(f"  {spec.description}")
+
+
+# --- generate ------------------------------------------------------------------------------------------------------
+
+
+def add_generate_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate an image with a patched pipeline",
+        epilog='example: flux-small-encoder generate "a red cube" --model black-forest-labs/FLUX.1-dev --out cube.png',
+    )
+    parser.add_argument("prompt")
+    parser.add_argument("--model", default="black-forest-labs/FLUX.1-dev", help="pipeline repo id or folder")
+    parser.add_argument("--encoder", default="t5-base-distilled", help="registry name, folder or repo id")
+    parser.add_argument("--out", default="image.png", help="where to write the PNG")
+    parser.add_argument("--steps", type=int, default=28)
+    parser.add_argument("--guidance", type=float, default=3.5)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.add_argument("--offload", action="store_true", help="enable model CPU offload (needs an accelerator)")
+    parser.set_defaults(func=run_generate)
+
+
+def run_generate(args) -> None:
+    import torch
+    from diffusers import FluxPipeline
+
+    from .patching import patch_encoder
+    from .registry import resolve_encoder
+
+    try:
+        resolved = resolve_encoder(args.encoder)
+    except ValueError as error:
+        raise CLIError(error) from None
+    dtype = getattr(torch, args.dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    with _missing_files_are_errors(args.model):
+        pipe = FluxPipeline.from_pretrained(args.model, text_encoder_2=None, dtype=dtype)
+    with _missing_files_are_errors(resolved.path):
+        patch_encoder(pipe, args.encoder, dtype=dtype)
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    image = pipe(
+        args.prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+    ).images[0]
+    image.save(args.out)
+    print(f"wrote {args.out}")
+
+
+class _missing_files_are_errors:
+    """Turn "not found / not cached / offline" into a `CLIError` that names the repo and how to fetch it."""
+
+    def __init__(self, repo: str):
+        self.repo = repo
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None or not isinstance(error, OSError) or os.path.isdir(self.repo):
+            return False
+        raise CLIError(
+            f"cannot load {self.repo!r}: its files are not in the local Hugging Face cache and the Hub could not be "
+            f"reached ({type(error).__name__}). Fetch it on a connected machine with `hf download {self.repo}` "
+            "(log in with `hf auth login` first for gated repos), or pass a local folder."
+        ) from None
+
+
+# --- demo ----------------------------------------------------------------------------------------------------------
+
+
+def add_demo_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="offline smoke run: tiny random FLUX, patched with a tiny student, writes an image",
+        epilog="example: flux-small-encoder demo --out demo.png",
+    )
+    parser.add_argument("--out", default="demo.png", help="where to write the PNG")
+    parser.add_argument("--prompt", default="a cat holding a sign that says hello")
+    parser.set_defaults(func=run_demo)
+
+
+def run_demo(args) -> None:
+    import torch
+
+    from .patching import patch_encoder
+    from .tiny import tiny_flux_pipeline, tiny_student
+
+    start = time.perf_counter()
+    pipe = tiny_flux_pipeline()
+    teacher_params = sum(p.numel() for p in pipe.text_encoder_2.parameters())
+    with tempfile.TemporaryDirectory() as folder:
+        # Through the real loading path: save the student, then patch from its folder.
+        tiny_student().save_pretrained(folder)
+        patch_encoder(pipe, folder)
+    student_params = sum(p.numel() for p in pipe.text_encoder_2.parameters())
+    image = pipe(
+        args.prompt, height=32, width=32, num_inference_steps=2, max_sequence_length=48,
+        generator=torch.Generator("cpu").manual_seed(0),
+    ).images[0]
+    image.save(args.out)
+    print(
+        f"tiny FLUX patched: text_encoder_2 is now {type(pipe.text_encoder_2).__name__} "
+        f"({student_params:,} parameters, was {teacher_params:,})\n"
+        f"wrote {args.out} ({image.width}x{image.height}) in {time.perf_counter() - start:.1f} s"
+    )
+
+
+SUBCOMMANDS = [add_list_parser, add_generate_parser, add_demo_parser]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Named distilled encoders, one small record each, and how an `encoder` argument resolves to weights."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+if TYPE_CHECKING:
+    import torch
+
+    from .modeling import DistilledT5EncoderModel
+
+
+@dataclass(frozen=True)
+class PretrainedSpec:
+    """Where a named distilled encoder lives and what it was distilled for.
+
+    Args:
+        name: The short name users pass to `patch_encoder` and `load_pipeline`.
+        repo_id: Hub repository holding `config.json` and `model.safetensors`.
+        revision: Branch, tag or commit to load; `None` means the repository's default branch.
+        tokenizer: Where the matching tokenizer lives (the checkpoint ships none): the teacher's T5 v1.1 tokenizer.
+        teacher: The encoder it replaces.
+        base_model: The T5 checkpoint the student started from.
+        out_dim: Width of its embeddings (the teacher's width).
+        license: The license stated by the checkpoint's authors, `None` where the record does not know it.
+        description: One line for `flux-small-encoder list`.
+    """
+
+    name: str
+    repo_id: str
+    revision: str | None = None
+    tokenizer: str = "google/t5-v1_1-xxl"
+    teacher: str = "google/t5-v1_1-xxl"
+    base_model: str = "google/t5-v1_1-base"
+    out_dim: int = 4096
+    license: str | None = None
+    description: str = ""
+
+
+_REGISTRY: dict[str, PretrainedSpec] = {
+    spec.name: spec
+    for spec in (
+        PretrainedSpec(
+            name="t5-base-distilled",
+            repo_id="LifuWang/DistillT5",
+            description=(
+                "T5-Base student (0.11 B encoder + 0.02 B projector) distilled from FLUX.1-dev's T5-XXL by "
+                "vision-based distillation (arXiv 2503.19897); see the Hub repo's card for its license."
+            ),
+        ),
+    )
+}
+
+
+def list_pretrained() -> list[str]:
+    """The names of the registered distilled encoders, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_pretrained_spec(name: str) -> PretrainedSpec:
+    """The record of a registered encoder; a `KeyError` that lists the valid names otherwise."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"No registered encoder named {name!r}. Registered names: {', '.join(list_pretrained())}.") from None
+
+
+@dataclass(frozen=True)
+class ResolvedEncoder:
+    """Where an `encoder` argument points: a local folder, or a Hub repo (and revision) to load from."""
+
+    path: str
+    revision: str | None = None
+    spec: PretrainedSpec | None = None
+
+
+def resolve_encoder(encoder: str | os.PathLike, revision: str | None = None) -> ResolvedEncoder:
+    """Resolve an encoder name: a registry name first, then a local folder, then a Hub repo id.
+
+    Anything else raises a `ValueError` that lists the registered names, instead of silently loading other weights.
+    """
+    name = os.fspath(encoder)
+    if name in _REGISTRY:
+        spec = _REGISTRY[name]
+        return ResolvedEncoder(spec.repo_id, revision if revision is not None else spec.revision, spec)
+    if os.path.isdir(name):
+        if not os.path.isfile(os.path.join(name, "config.json")):
+            raise ValueError(
+                f"The folder {name!r} holds no config.json: it is not a saved encoder. Point to the folder that "
+                "`save_pretrained` wrote (config.json + model.safetensors)."
+            )
+        return ResolvedEncoder(name)
+    if not os.path.exists(name) and name.count("/") == 1:
+        try:
+            validate_repo_id(name)
+        except HFValidationError:
+            pass
+        else:
+            return ResolvedEncoder(name, revision)
+    raise ValueError(
+        f"Cannot resolve encoder {name!r}: it is not a registered name, an existing folder, or a Hub repo id "
+        f"('owner/name'). Registered names: {', '.join(list_pretrained())}."
+    )
+
+
+def load_encoder(
+    encoder: str | os.PathLike,
+    *,
+    dtype: "torch.dtype | None" = None,
+    revision: str | None = None,
+    **from_pretrained_kwargs,
+) -> "DistilledT5EncoderModel":
+    """Load a distilled encoder by registry name, local folder or Hub repo id, refusing incomplete weights.
+
+    Args:
+        encoder: A name from `list_pretrained()`, a folder written by `save_pretrained`, or a Hub repo id.
+        dtype: Load in this dtype (T5's `wo` stays in float32 under float16, as in transformers).
+        revision: Hub branch, tag or commit; overrides the registry's revision.
+        from_pretrained_kwargs: Passed to `from_pretrained` (`token`, `cache_dir`, `local_files_only`, ...).
+
+    Raises:
+        ValueError: the checkpoint lacks weights the model needs, or holds weights it does not use.
+        OSError: the files cannot be found (offline with nothing cached, a wrong repo id); the message names the repo.
+    """
+    from .modeling import DistilledT5EncoderModel
+
+    resolved = resolve_encoder(encoder, revision)
+    if resolved.revision is not None:
+        from_pretrained_kwargs["revision"] = resolved.revision
+    model, report = DistilledT5EncoderModel.from_pretrained(
+        resolved.path, dtype=dtype, output_loading_info=True, **from_pretrained_kwargs
+    )
+    problems = {kind: sorted(report[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if report[kind]}
+    if problems:
+        raise ValueError(
+            f"The checkpoint at {resolved.path!r} does not match DistilledT5EncoderModel: {problems}. It is not a "
+            "distilled encoder in the DistillT5 layout; convert it first (`flux-small-encoder convert`)."
+        )
+    return model

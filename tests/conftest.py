@@ -1,0 +1,108 @@
+"""Offline test kit: tiny random FLUX components built once per session, and a seeded Hugging Face cache.
+
+The whole session runs with `HF_HUB_OFFLINE=1` and a private `HF_HOME`, so every load goes through huggingface_hub's
+own cache resolution and nothing can reach (or silently come from) the network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+_HF_HOME = tempfile.mkdtemp(prefix="fse-hf-home-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from flux_small_encoder.tiny import tiny_flux_components, tiny_student  # noqa: E402
+
+FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+PROMPT = "a cat holding a sign that says hello"
+
+
+def seed_hub_cache(repo_id: str, files: dict[str, Path], revision: str = "main", commit: str = FAKE_COMMIT) -> Path:
+    """Lay files into the session's Hub cache the way huggingface_hub does (blobs, a snapshot, a ref)."""
+    repo_dir = Path(os.environ["HF_HUB_CACHE"]) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    (repo_dir / "blobs").mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True, exist_ok=True)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / revision).write_text(commit)
+    for name, source in files.items():
+        blob = repo_dir / "blobs" / f"{commit[:8]}-{name.replace('/', '-')}"
+        blob.write_bytes(Path(source).read_bytes())
+        target = snapshot / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.exists() or target.is_symlink():
+            target.unlink()
+        target.symlink_to(os.path.relpath(blob, target.parent))
+    return snapshot
+
+
+def write_public_layout(student, folder: Path) -> Path:
+    """Write `student` the way the public DistillT5 checkpoint is laid out: `model_type: "t5"`, both embedding keys."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = student.config.to_dict()
+    for key in ("projector_dropout", "transformers_version", "dtype"):
+        config.pop(key, None)
+    config.update(model_type="t5", architectures=["T5EncoderWithProjection"])
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    state = {key: value.detach().clone().contiguous() for key, value in student.state_dict().items()}
+    state["encoder.encoder.embed_tokens.weight"] = state["encoder.shared.weight"].clone()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+@pytest.fixture(scope="session")
+def flux_components():
+    """Tiny FLUX components; tests take copies through `make_pipe`, never mutate these."""
+    return tiny_flux_components()
+
+
+@pytest.fixture
+def make_pipe(flux_components):
+    """A factory of fresh tiny `FluxPipeline`s (deep copies of the session's components)."""
+    from diffusers import FluxPipeline
+
+    def make(**overrides):
+        components = {**copy.deepcopy(flux_components), **overrides}
+        return FluxPipeline(**components)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def student():
+    return tiny_student()
+
+
+@pytest.fixture(scope="session")
+def public_checkpoint(student, tmp_path_factory) -> Path:
+    """The tiny student in the public layout, in a plain folder."""
+    return write_public_layout(student, tmp_path_factory.mktemp("public") / "DistillT5")
+
+
+@pytest.fixture(scope="session")
+def seeded_hub(public_checkpoint) -> Path:
+    """The public-layout tiny student cached as `LifuWang/DistillT5`, so `"t5-base-distilled"` resolves offline."""
+    files = {name: public_checkpoint / name for name in ("config.json", "model.safetensors")}
+    return seed_hub_cache("LifuWang/DistillT5", files)
+
+
+def run_pipe(pipe, prompt: str = PROMPT, **kwargs):
+    """A 2-step 32x32 generation with a fixed seed, as a numpy array."""
+    kwargs = {
+        "height": 32, "width": 32, "num_inference_steps": 2, "max_sequence_length": 48, "output_type": "np",
+        "generator": torch.Generator("cpu").manual_seed(0), **kwargs,
+    }
+    return pipe(prompt, **kwargs).images
