@@ -132,9 +132,13 @@ def load_encoder(
     resolved = resolve_encoder(encoder, revision)
     if resolved.revision is not None:
         from_pretrained_kwargs["revision"] = resolved.revision
-    model, report = DistilledT5EncoderModel.from_pretrained(
-        resolved.path, dtype=dtype, output_loading_info=True, **from_pretrained_kwargs
-    )
+    try:
+        model, report = DistilledT5EncoderModel.from_pretrained(
+            resolved.path, dtype=dtype, output_loading_info=True, **from_pretrained_kwargs
+        )
+    except OSError as error:
+        where = f"{resolved.path!r}" + (f" at revision {resolved.revision!r}" if resolved.revision else "")
+        raise OSError(f"Cannot load the encoder {where}: {error}") from error
     problems = {kind: sorted(report[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if report[kind]}
     if problems:
         raise ValueError(
