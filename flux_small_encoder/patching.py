@@ -17,6 +17,8 @@ from .registry import load_encoder, resolve_encoder
 
 # The pipeline's attribute that keeps the encoder replaced by `patch_encoder`, for `unpatch_encoder`.
 _ORIGINAL_ATTR = "_flux_small_encoder_original"
+# Stands for an original encoder that was dropped on patching to return its memory.
+_RELEASED = object()
 # Keyword arguments of `from_pretrained` that apply to the encoder's download as well as the pipeline's.
 _SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "proxies")
 
@@ -108,13 +110,15 @@ def patch_encoder(
     else:
         student = load_encoder(encoder, dtype=dtype, revision=revision, **from_pretrained_kwargs)
     student = cast_encoder(student, dtype).eval()
-    check_compatible(pipe, student, slot)
-    if getattr(pipe, slot.tokenizer, None) is None and not isinstance(encoder, DistilledT5EncoderModel):
-        pipe.register_modules(**{slot.tokenizer: _load_tokenizer(encoder, revision, from_pretrained_kwargs)})
+    tokenizer = getattr(pipe, slot.tokenizer, None)
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(encoder, revision, from_pretrained_kwargs)
+    check_compatible(pipe, student, slot, tokenizer)
 
+    pipe.register_modules(**{slot.tokenizer: tokenizer})
     if not hasattr(pipe, _ORIGINAL_ATTR):
         original = getattr(pipe, slot.encoder, None)
-        setattr(pipe, _ORIGINAL_ATTR, original if keep_original else _Released(original))
+        setattr(pipe, _ORIGINAL_ATTR, original if keep_original or original is None else _RELEASED)
         del original  # no reference may outlive the swap, or its memory is not returned
     _swap(pipe, slot, student, device)
     return pipe
@@ -129,7 +133,7 @@ def unpatch_encoder(pipe):
     if not hasattr(pipe, _ORIGINAL_ATTR):
         raise ValueError(f"{type(pipe).__name__} was not patched by flux_small_encoder: there is nothing to restore.")
     original = getattr(pipe, _ORIGINAL_ATTR)
-    if isinstance(original, _Released):
+    if original is _RELEASED:
         raise ValueError(
             f"The original {slot.encoder} was released when the pipeline was patched, to return its memory. Patch with "
             "`keep_original=True` to be able to unpatch, or load the pipeline again."
@@ -192,8 +196,9 @@ def cast_encoder(encoder: nn.Module, dtype: torch.dtype) -> nn.Module:
     return encoder
 
 
-def check_compatible(pipe, student: DistilledT5EncoderModel, slot: EncoderSlot | None = None) -> None:
-    """Raise a `ValueError` naming both numbers if the student cannot serve this pipeline."""
+def check_compatible(pipe, student: DistilledT5EncoderModel, slot: EncoderSlot | None = None, tokenizer=None) -> None:
+    """Raise a `ValueError` naming both numbers if the student cannot serve this pipeline (with `tokenizer`, if given,
+    in place of the pipeline's own)."""
     slot = slot or find_encoder_slot(pipe)
     expected = getattr(pipe.transformer.config, slot.width)
     produced = student.config.project_out_dim
@@ -202,23 +207,13 @@ def check_compatible(pipe, student: DistilledT5EncoderModel, slot: EncoderSlot |
             f"The encoder produces {produced}-wide embeddings but {type(pipe.transformer).__name__} expects "
             f"{slot.width}={expected}. Use an encoder distilled for this transformer (project_out_dim={expected})."
         )
-    tokenizer = getattr(pipe, slot.tokenizer, None)
+    tokenizer = tokenizer if tokenizer is not None else getattr(pipe, slot.tokenizer, None)
     vocab = student.config.vocab_size
     if tokenizer is not None and len(tokenizer) > vocab:
         raise ValueError(
             f"The pipeline's {slot.tokenizer} has {len(tokenizer)} tokens but the encoder's embedding table holds "
             f"{vocab}: its ids would fall outside the table. Use the tokenizer the encoder was trained with."
         )
-
-
-class _Released:
-    """Marks an original encoder that was dropped on patching; `None` (no encoder) is kept as it is."""
-
-    def __new__(cls, original):
-        return None if original is None else super().__new__(cls)
-
-    def __init__(self, original):
-        self.kind = type(original).__name__
 
 
 def _swap(pipe, slot: EncoderSlot, new: nn.Module | None, device) -> None:
@@ -269,10 +264,21 @@ def _apply_group_offload_like(module: nn.Module, config) -> None:
 
 
 def _load_tokenizer(encoder, revision: str | None, hub_kwargs: dict):
-    """The student's tokenizer, for a pipeline loaded without one: from the encoder's folder, else the registry's."""
+    """The student's tokenizer, for a pipeline loaded without one: the registry's source, else the encoder's own files."""
     from transformers import AutoTokenizer
 
+    if isinstance(encoder, DistilledT5EncoderModel):
+        raise ValueError(
+            "The pipeline has no T5 tokenizer and an encoder instance carries none: load the pipeline with its "
+            "tokenizer, or register one with `pipe.register_modules(...)` before patching."
+        )
     resolved = resolve_encoder(encoder, revision)
     source = resolved.spec.tokenizer if resolved.spec is not None else resolved.path
     kwargs = {key: hub_kwargs[key] for key in _SHARED_HUB_KWARGS if key in hub_kwargs}
-    return AutoTokenizer.from_pretrained(source, **kwargs)
+    try:
+        return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"The pipeline has no T5 tokenizer and none could be loaded from {source!r} ({error}). Load the pipeline "
+            "with its tokenizer (the teacher's T5 v1.1 tokenizer serves the distilled encoders)."
+        ) from error

@@ -156,3 +156,22 @@ def test_unsupported_pipeline_is_refused(fresh_student):
     pipe = DDPMPipeline(unet, DDPMScheduler())
     with pytest.raises(TypeError, match="DDPMPipeline is not a supported pipeline"):
         patch_encoder(pipe, fresh_student)
+
+
+def test_missing_tokenizer_comes_from_the_registry_source(make_pipe, seeded_hub, tmp_path):
+    from flux_small_encoder.tiny import tiny_t5_config, tiny_t5_tokenizer
+
+    from .conftest import seed_hub_cache
+
+    tiny_t5_tokenizer().save_pretrained(tmp_path)
+    tiny_t5_config().save_pretrained(tmp_path)  # the real repo has a config.json beside its tokenizer
+    seed_hub_cache("google/t5-v1_1-xxl", {p.name: p for p in tmp_path.iterdir()})
+    pipe = make_pipe(text_encoder_2=None, tokenizer_2=None)
+    patch_encoder(pipe, "t5-base-distilled")
+    assert len(pipe.tokenizer_2) == 237 and pipe.config.tokenizer_2[0] == "transformers"
+    assert run_pipe(pipe).shape == (1, 32, 32, 3)
+
+
+def test_missing_tokenizer_with_an_instance_says_what_to_do(make_pipe, fresh_student):
+    with pytest.raises(ValueError, match="no T5 tokenizer"):
+        patch_encoder(make_pipe(text_encoder_2=None, tokenizer_2=None), fresh_student)
