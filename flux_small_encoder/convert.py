@@ -256,7 +256,7 @@ class CheckpointInfo:
         dtypes = ", ".join(f"{name} ({count} tensors)" for name, count in self.dtypes.items())
         fits = self.fits
         fits_line = (
-            f"{', '.join(fits)} ({T5_XXL_WIDTH} wide, the T5-XXL they ship with)"
+            f"{', '.join(fits)}: the T5-XXL they ship with is {T5_XXL_WIDTH} wide too"
             if fits
             else f"no stock pipeline: they take {T5_XXL_WIDTH}-wide embeddings; this fits a transformer whose "
             f"embedding width (FLUX: joint_attention_dim) is {c.project_out_dim}"
