@@ -84,7 +84,7 @@ def read_checkpoint(path: str | os.PathLike, *, load_tensors: bool = True) -> Ch
     else:
         raise FileNotFoundError(f"No checkpoint at {str(path)!r}: it is neither a folder nor a file.")
 
-    if path.suffix in PICKLE_SUFFIXES:
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
         state = _load_pickled_state_dict(path)
         shapes = {key: tuple(value.shape) for key, value in state.items()}
         dtypes = {key: _dtype_name(value.dtype) for key, value in state.items()}
@@ -369,13 +369,19 @@ def _load_pickled_state_dict(path: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        # torch names what the pickle asked for on the line "WeightsUnpickler error: Unsupported global: ...".
-        reason = next((line.strip() for line in str(error).splitlines() if "WeightsUnpickler error" in line), "")
+        # torch says what it refused after "WeightsUnpickler error:", e.g. "Unsupported global: GLOBAL io.open ...".
+        text = str(error)
+        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0].split(". ")[0]
         raise ValueError(
-            f"Refusing to load {str(path)!r}: it is a pickle holding more than tensors, and unpickling it could run "
-            f"arbitrary code, so nothing in it was run ({reason.removeprefix('WeightsUnpickler error: ') or error}). "
-            "If you trust its author, load it yourself with `torch.load(path, weights_only=False)`, save the state "
-            "dict with `safetensors.torch.save_file`, and convert that file."
+            f"Refusing to load {str(path)!r}: `torch.load(weights_only=True)` accepts tensors and plain containers "
+            f"only, and this file holds something else ({reason}). Nothing in it was run: unpickling other "
+            "objects can execute arbitrary code. If you trust its author, load it yourself with "
+            "`torch.load(path, weights_only=False)`, save the state dict with `safetensors.torch.save_file`, and "
+            "convert that file."
+        ) from None
+    except (RuntimeError, EOFError) as error:
+        raise ValueError(
+            f"Cannot read {str(path)!r} as a PyTorch checkpoint ({error}): is the file complete?"
         ) from None
     if isinstance(state, Mapping) and not _all_tensors(state):
         nested = [key for key in ("state_dict", "model") if isinstance(state.get(key), Mapping)]

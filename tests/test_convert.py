@@ -145,13 +145,24 @@ class _RunsCode:
 def test_pickle_that_runs_code_is_refused_and_never_runs(student, tmp_path):
     marker = tmp_path / "code-ran"
     torch.save({"state_dict": student.state_dict(), "payload": _RunsCode(marker)}, tmp_path / "evil.pth")
-    with pytest.raises(ValueError, match="arbitrary code"):
+    with pytest.raises(ValueError, match=r"GLOBAL io\.open.*Nothing in it was run"):
         convert(tmp_path / "evil.pth", tmp_path / "out")
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 
     assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 1
+    assert main(["info", str(tmp_path / "evil.pth")]) == 1
     assert not marker.exists()
+
+
+def test_unreadable_pth_is_a_clear_error(tmp_path):
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="Refusing to load"):
+        convert(tmp_path / "garbage.pth", tmp_path / "out")
+    torch.save({"x": torch.zeros(3)}, tmp_path / "whole.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:100])
+    with pytest.raises(ValueError, match="is the file complete"):
+        convert(tmp_path / "cut.pth", tmp_path / "out")
 
 
 def test_existing_destination_is_refused_unless_overwrite(saved_student, tmp_path):
