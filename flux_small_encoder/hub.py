@@ -92,7 +92,7 @@ def push_to_hub(
         pipeline (`str`, *optional*):
             The pipeline the encoder was distilled for; defaults to the training config's `model`.
         teacher (`str`, *optional*):
-            The encoder it replaces; defaults to the training config's `teacher`, else "the pipeline's T5 encoder".
+            The encoder it replaces; defaults to the training config's `teacher`, else left out of the metadata.
         base_model (`str`, *optional*):
             The Hub id of the T5 it started from; defaults to the config's `base_model_name_or_path` when that is a
             Hub id, else the training config's `student`.
@@ -110,9 +110,9 @@ def push_to_hub(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory(prefix="flux-small-encoder-push-") as staging:
         staging = Path(staging)
-        source = _stage_model(model_or_folder, staging)
-        if tokenizer is not None:
+        if tokenizer is not None:  # first: it replaces tokenizer files in the folder, never writes through to them
             _stage_tokenizer(tokenizer, staging)
+        source = _stage_model(model_or_folder, staging)
         if not (staging / "README.md").exists():
             training_config = find_training_config(source) if source is not None else None
             card = model_card(
@@ -306,7 +306,8 @@ def _stage_model(model_or_folder, staging: Path) -> Path | None:
     describe(folder)  # refuse weights that do not match their config before anything is uploaded
     for pattern in [*MODEL_FILES, "README.md"]:
         for path in folder.glob(pattern):
-            _link_or_copy(path, staging / path.name)
+            if not (staging / path.name).exists():
+                _link_or_copy(path, staging / path.name)
     return folder
 
 
@@ -319,8 +320,10 @@ def _stage_tokenizer(tokenizer, staging: Path) -> None:
 
 
 def _link_or_copy(source: Path, target: Path) -> None:
+    # A hard link spares copying large weights when staging is on the same filesystem; nothing writes to staged
+    # files after this, so the source cannot be changed through the link.
     try:
-        os.link(source.resolve(), target)  # no copy of large weights when staging is on the same filesystem
+        os.link(source.resolve(), target)
     except OSError:
         shutil.copy2(source, target)
 

@@ -123,6 +123,19 @@ def test_push_model_with_tokenizer_revision_and_pr(student, hub_calls):
     assert commit.pr_url.endswith("/discussions/1")
 
 
+def test_given_tokenizer_replaces_the_folders_without_touching_it(student, tmp_path, hub_calls):
+    folder = tmp_path / "model"
+    student.save_pretrained(folder)
+    old = tiny_t5_tokenizer()
+    old.model_max_length = 77
+    old.save_pretrained(folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    hub.push_to_hub(folder, "me/tiny", tokenizer=tiny_t5_tokenizer())
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    (upload,) = hub_calls["upload_folder"]
+    assert b'"model_max_length": 512' in upload["files"]["tokenizer_config.json"]
+
+
 def test_existing_card_is_kept(student, tmp_path, hub_calls):
     student.save_pretrained(tmp_path / "model")
     (tmp_path / "model" / "README.md").write_text("---\nlicense: mit\n---\n# My own card\n")
