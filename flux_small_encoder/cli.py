@@ -173,7 +173,124 @@ def run_demo(args) -> None:
     )
 
 
+# --- push / download / convert / info ------------------------------------------------------------------------------
+
+
+def add_push_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "push",
+        help="upload a saved encoder to the Hub with a model card, in one commit",
+        epilog="example: flux-small-encoder push runs/s3/final me/flux-t5-small-distilled --private",
+    )
+    parser.add_argument("folder", help="a folder written by save_pretrained (e.g. a trainer's output_dir/final)")
+    parser.add_argument("repo_id", help="the Hub repository, owner/name (created if missing)")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", help="branch to commit to (created if missing)")
+    parser.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    parser.add_argument("--commit-message")
+    parser.add_argument("--tokenizer", help="a tokenizer folder or repo id to upload with the model")
+    parser.add_argument("--license", help="Hub license id of the weights (default: other)")
+    parser.add_argument("--pipeline", help="the pipeline it was distilled for (default: the training config's)")
+    parser.add_argument("--teacher", help="the encoder it replaces (default: the training config's)")
+    parser.add_argument("--base-model", help="Hub id of the T5 it started from (default: from its config)")
+    parser.add_argument("--token", help="Hub token with write access (default: HF_TOKEN or the saved login)")
+    parser.set_defaults(func=run_push)
+
+
+def run_push(args) -> None:
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from .hub import push_to_hub
+
+    try:
+        commit = push_to_hub(
+            args.folder, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+            create_pr=args.create_pr, commit_message=args.commit_message, tokenizer=args.tokenizer,
+            license=args.license, pipeline=args.pipeline, teacher=args.teacher, base_model=args.base_model,
+        )
+    except (ValueError, TypeError, HfHubHTTPError) as error:
+        raise CLIError(error) from None
+    print(f"uploaded {args.folder} to {args.repo_id}: {commit.pr_url or commit.commit_url}")
+
+
+def add_download_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "download",
+        help="fetch an encoder's files into the Hugging Face cache and print its folder",
+        epilog="example: flux-small-encoder download t5-base-distilled",
+    )
+    parser.add_argument("encoder", help="registry name or Hub repo id")
+    parser.add_argument("--revision", help="branch, tag or commit")
+    parser.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HUB_CACHE)")
+    parser.add_argument("--local-files-only", action="store_true", help="use the cache only, never the network")
+    parser.add_argument("--token", help="Hub token for private or gated repos")
+    parser.set_defaults(func=run_download)
+
+
+def run_download(args) -> None:
+    from .hub import download
+
+    with _hub_errors_are_cli_errors():
+        print(download(
+            args.encoder, revision=args.revision, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
+            token=args.token,
+        ))
+
+
+def add_convert_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert a .pth / ComfyUI / single-file checkpoint into a folder, or a folder into a ComfyUI file",
+        epilog="examples:\n  flux-small-encoder convert ckpt/experiment.pth out/ --config config.json\n"
+        "  flux-small-encoder convert out/ DistillT5-comfyui.safetensors",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("src", help="folder, .safetensors file, .pth state dict, registry name or repo id")
+    parser.add_argument("dst", help="a folder (config.json + model.safetensors), or a .safetensors path for ComfyUI")
+    parser.add_argument("--config", help="config.json describing the weights (default: stored with SRC, or inferred)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
+    parser.set_defaults(func=run_convert)
+
+
+def run_convert(args) -> None:
+    from .convert import convert, describe
+
+    with _hub_errors_are_cli_errors():
+        written = convert(args.src, args.dst, config=args.config, overwrite=args.overwrite)
+        print(f"wrote {written}\n{describe(written).summary()}")
+
+
+def add_info_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "info",
+        help="T5 shape, projector widths, parameters, dtype, size and fitting pipelines of a checkpoint",
+        epilog="example: flux-small-encoder info t5-base-distilled",
+    )
+    parser.add_argument("encoder", help="folder, .safetensors or .pth file, registry name or Hub repo id")
+    parser.set_defaults(func=run_info)
+
+
+def run_info(args) -> None:
+    from .convert import describe
+
+    with _hub_errors_are_cli_errors():
+        print(describe(args.encoder).summary())
+
+
+class _hub_errors_are_cli_errors:
+    """Bad input and files missing from the cache (the message names the repo and `hf download`) become `CLIError`s."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if isinstance(error, (ValueError, FileNotFoundError)):
+            raise CLIError(error) from None
+        return False
+
+
 SUBCOMMANDS = [add_list_parser, add_generate_parser, add_demo_parser]
+SUBCOMMANDS += [add_push_parser, add_download_parser, add_convert_parser, add_info_parser]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,226 @@
+"""Checkpoint conversion: every layout in the wild into our folder and back, exact tensors, safe unpickling."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from flux_small_encoder.cli import main
+from flux_small_encoder.configuration import DistilledT5Config
+from flux_small_encoder.convert import (
+    T5_XXL_WIDTH,
+    convert,
+    describe,
+    fitting_families,
+    infer_config,
+    read_checkpoint,
+    to_comfyui_keys,
+)
+from flux_small_encoder.modeling import DistilledT5EncoderModel
+from flux_small_encoder.patching import PIPELINE_FAMILIES
+from flux_small_encoder.registry import load_encoder
+from flux_small_encoder.tiny import tiny_t5_config
+
+STRUCTURE = ("vocab_size", "d_model", "d_ff", "d_kv", "num_heads", "num_layers", "relative_attention_num_buckets",
+             "feed_forward_proj", "project_in_dim", "project_out_dim")
+
+
+def _assert_same_weights(model: DistilledT5EncoderModel, reference: DistilledT5EncoderModel) -> None:
+    expected = reference.state_dict()
+    got = model.state_dict()
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
+def _assert_same_files(a: Path, b: Path) -> None:
+    first, second = load_file(a), load_file(b)
+    assert first.keys() == second.keys()
+    for key in first:
+        assert first[key].dtype == second[key].dtype and torch.equal(first[key], second[key]), key
+
+
+@pytest.fixture(scope="session")
+def saved_student(student, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("ours") / "student"
+    student.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def relu_student():
+    torch.manual_seed(3)
+    fields = tiny_t5_config(d_model=24, d_kv=6, num_heads=4, num_layers=3, feed_forward_proj="relu").to_diff_dict()
+    return DistilledT5EncoderModel(DistilledT5Config(**fields, project_out_dim=40)).eval()
+
+
+def test_reference_pth_converts_with_inferred_config(student, tmp_path):
+    torch.save(student.state_dict(), tmp_path / "experiment.pth")  # what the reference trainer writes
+    convert(tmp_path / "experiment.pth", tmp_path / "out")
+    converted = load_encoder(tmp_path / "out")  # refuses missing or unexpected keys
+    _assert_same_weights(converted, student)
+    for name in STRUCTURE:
+        assert getattr(converted.config, name) == getattr(student.config, name), name
+    ids = torch.randint(0, 320, (1, 9))
+    torch.testing.assert_close(converted(ids)[0], student(ids)[0], atol=0, rtol=0)
+
+
+def test_pth_from_ddp_with_public_config(student, public_checkpoint, tmp_path):
+    state = {f"module.{key}": value for key, value in student.state_dict().items()}
+    torch.save(state, tmp_path / "ddp.pth")
+    convert(tmp_path / "ddp.pth", tmp_path / "out", config=public_checkpoint / "config.json")
+    _assert_same_weights(load_encoder(tmp_path / "out"), student)
+
+
+def test_inference_reads_relu_ffn_and_widths(relu_student, tmp_path):
+    torch.save(relu_student.state_dict(), tmp_path / "relu.pth")
+    config = infer_config(read_checkpoint(tmp_path / "relu.pth").shapes)
+    for name in STRUCTURE:
+        assert getattr(config, name) == getattr(relu_student.config, name), name
+    assert not config.is_gated_act
+
+
+def test_folder_to_comfyui_and_back_is_exact(saved_student, tmp_path):
+    convert(saved_student, tmp_path / "comfy.safetensors")
+    keys = set(load_file(tmp_path / "comfy.safetensors"))
+    assert "shared.weight" in keys and "encoder.block.0.layer.0.SelfAttention.q.weight" in keys
+    assert "encoder.final_layer_norm.weight" in keys and "final_projection.3.weight" in keys
+    assert not any(key.startswith("encoder.encoder.") for key in keys)
+
+    convert(tmp_path / "comfy.safetensors", tmp_path / "back")
+    _assert_same_files(saved_student / "model.safetensors", tmp_path / "back" / "model.safetensors")
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads(
+        (saved_student / "config.json").read_text()
+    )
+    convert(tmp_path / "back", tmp_path / "again.safetensors")
+    _assert_same_files(tmp_path / "comfy.safetensors", tmp_path / "again.safetensors")
+
+
+def test_comfyui_file_without_config_and_with_unstripped_embedding(student, tmp_path):
+    state = to_comfyui_keys({key: value.clone() for key, value in student.state_dict().items()})
+    state["encoder.shared.weight"] = state.pop("shared.weight")  # only `encoder.encoder.` stripped
+    save_file(state, tmp_path / "t5base.safetensors")
+    assert read_checkpoint(tmp_path / "t5base.safetensors").layout == "comfyui"
+    convert(tmp_path / "t5base.safetensors", tmp_path / "out")
+    _assert_same_weights(load_encoder(tmp_path / "out"), student)
+
+
+def test_single_file_with_wrapper_prefix_removed(student, tmp_path):
+    state = {key.removeprefix("encoder."): value.clone() for key, value in student.state_dict().items()}
+    assert "shared.weight" in state and "encoder.embed_tokens.weight" in state  # T5EncoderModel's own keys
+    save_file(state, tmp_path / "DistillT5-F32.safetensors")
+    convert(tmp_path / "DistillT5-F32.safetensors", tmp_path / "out")
+    _assert_same_weights(load_encoder(tmp_path / "out"), student)
+
+
+def test_public_checkpoint_normalises_to_save_pretrained_layout(student, public_checkpoint, saved_student, tmp_path):
+    convert(public_checkpoint, tmp_path / "out")
+    _assert_same_files(tmp_path / "out" / "model.safetensors", saved_student / "model.safetensors")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "distilled_t5"
+
+
+def test_bfloat16_and_fp32_wo_keep_their_dtypes(student, tmp_path):
+    state = {key: value.to(torch.bfloat16) for key, value in student.state_dict().items()}
+    state = {key: value.float() if ".wo." in key else value for key, value in state.items()}
+    torch.save(state, tmp_path / "mixed.pth")
+    convert(tmp_path / "mixed.pth", tmp_path / "out")
+    written = load_file(tmp_path / "out" / "model.safetensors")
+    assert written["encoder.encoder.block.0.layer.1.DenseReluDense.wo.weight"].dtype == torch.float32
+    assert written["final_projection.0.weight"].dtype == torch.bfloat16
+    assert all(torch.equal(written[key], state[key]) for key in written)
+
+
+class _RunsCode:
+    """A pickle whose loading would create a file: what a malicious checkpoint does, harmlessly."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_pickle_that_runs_code_is_refused_and_never_runs(student, tmp_path):
+    marker = tmp_path / "code-ran"
+    torch.save({"state_dict": student.state_dict(), "payload": _RunsCode(marker)}, tmp_path / "evil.pth")
+    with pytest.raises(ValueError, match=r"GLOBAL io\.open.*Nothing in it was run"):
+        convert(tmp_path / "evil.pth", tmp_path / "out")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+    assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 1
+    assert main(["info", str(tmp_path / "evil.pth")]) == 1
+    assert not marker.exists()
+
+
+def test_unreadable_pth_is_a_clear_error(tmp_path):
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="Refusing to load"):
+        convert(tmp_path / "garbage.pth", tmp_path / "out")
+    torch.save({"x": torch.zeros(3)}, tmp_path / "whole.pth")
+    (tmp_path / "cut.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:100])
+    with pytest.raises(ValueError, match="is the file complete"):
+        convert(tmp_path / "cut.pth", tmp_path / "out")
+
+
+def test_existing_destination_is_refused_unless_overwrite(saved_student, tmp_path):
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="already exists"):
+        convert(saved_student, dst)
+    assert [path.name for path in dst.iterdir()] == ["notes.txt"]
+
+    convert(saved_student, dst, overwrite=True)
+    assert sorted(path.name for path in dst.iterdir()) == ["config.json", "model.safetensors"]
+    (tmp_path / "empty").mkdir()
+    convert(saved_student, tmp_path / "empty")  # an empty folder is not something to lose
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["dst", "empty"]
+
+
+def test_wrong_config_fails_before_writing_anything(student, saved_student, tmp_path):
+    wrong = student.config.to_dict() | {"num_layers": 3}
+    (tmp_path / "wrong.json").write_text(json.dumps(wrong))
+    with pytest.raises(ValueError, match="missing encoder.encoder.block.2"):
+        convert(saved_student, tmp_path / "out" / "nested", config=tmp_path / "wrong.json")
+    assert not (tmp_path / "out" / "nested").exists()
+    assert not list(tmp_path.glob("**/*.partial"))
+
+
+def test_refuses_pickle_destination_and_foreign_checkpoints(saved_student, tmp_path):
+    with pytest.raises(ValueError, match="safetensors only"):
+        convert(saved_student, tmp_path / "out.pth")
+    save_file({"text_model.embeddings.weight": torch.zeros(2, 2)}, tmp_path / "clip.safetensors")
+    with pytest.raises(ValueError, match="not a distilled T5 encoder"):
+        convert(tmp_path / "clip.safetensors", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="No such file"):
+        convert(tmp_path / "missing.pth", tmp_path / "out")
+
+
+def test_describe_counts_and_fits(student, public_checkpoint):
+    info = describe(public_checkpoint)
+    unique = {id(p): p.numel() for p in student.parameters()}
+    assert info.parameters == sum(unique.values())
+    assert info.projector_parameters == sum(p.numel() for p in student.final_projection.parameters())
+    assert info.dtypes == {"float32": len(student.state_dict()) - 1}  # the tied embedding is counted once
+    assert info.file_size == (public_checkpoint / "model.safetensors").stat().st_size
+    assert info.fits == []  # 32 wide: only the tiny test transformer takes it
+    assert fitting_families(T5_XXL_WIDTH) == [f"{name} ({slot.encoder})" for name, slot in PIPELINE_FAMILIES.items()]
+    assert "Flux (text_encoder_2)" in fitting_families(T5_XXL_WIDTH)
+
+
+def test_cli_convert_and_info(saved_student, seeded_hub, tmp_path, capsys):
+    assert main(["convert", str(saved_student), str(tmp_path / "c.safetensors")]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["convert", str(saved_student), str(tmp_path / "c.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "already exists" in err and "Traceback" not in err
+    assert main(["convert", str(saved_student), str(tmp_path / "c.safetensors"), "--overwrite"]) == 0
+
+    assert main(["info", "t5-base-distilled"]) == 0  # the seeded Hub cache, offline
+    out = capsys.readouterr().out
+    assert "2 layers, d_model 16, d_ff 37" in out and "16 -> 32 -> 32" in out
+    assert "parameters: 12,368" in out and "float32" in out and "KB" in out
+    assert "no stock pipeline" in out

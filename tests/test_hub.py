@@ -1,0 +1,238 @@
+"""Hub helpers: what `push_to_hub` hands huggingface_hub (mocked at `HfApi`), and `download` through a seeded cache."""
+
+import logging
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+from conftest import FAKE_COMMIT, seed_hub_cache
+from huggingface_hub import HfApi, ModelCard
+from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.utils import filter_repo_objects
+
+from flux_small_encoder import hub
+from flux_small_encoder.cli import main
+from flux_small_encoder.tiny import tiny_t5_tokenizer
+
+TOKEN = "hf_TESTsecretTOKEN0123456789"
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """Replace the HfApi calls that reach the Hub; record their arguments and what the staged folder held."""
+    calls = {"create_repo": [], "create_branch": [], "upload_folder": []}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"].append({"repo_id": repo_id, "token": self.token, **kwargs})
+        return SimpleNamespace(repo_id=repo_id)
+
+    def create_branch(self, repo_id, **kwargs):
+        calls["create_branch"].append({"repo_id": repo_id, **kwargs})
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        files = {path.name: path.read_bytes() for path in folder.iterdir()}
+        calls["upload_folder"].append({**kwargs, "files": files})
+        url = f"https://huggingface.co/{kwargs['repo_id']}/commit/{FAKE_COMMIT}"
+        pr_url = f"https://huggingface.co/{kwargs['repo_id']}/discussions/1" if kwargs.get("create_pr") else None
+        return SimpleNamespace(commit_url=url, pr_url=pr_url)
+
+    monkeypatch.setattr(HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(HfApi, "create_branch", create_branch)
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    return calls
+
+
+@pytest.fixture
+def trainer_run(student, tmp_path) -> Path:
+    """A trainer's output_dir: the resolved config as YAML, and the final student folder."""
+    config = {
+        "model": "black-forest-labs/FLUX.1-dev",
+        "teacher": "google/t5-v1_1-xxl",
+        "student": "google/t5-v1_1-base",
+        "max_steps": 50000,
+        "learning_rate": 1e-4,
+        "num_inference_steps": 20,
+        "output_dir": str(tmp_path / "runs" / "s1"),
+        "hub_token": TOKEN,
+        "data": {"prompts": "compbench", "cache_dir": "/home/someone/cache"},
+    }
+    run = tmp_path / "runs" / "s1"
+    (run / "final").mkdir(parents=True)
+    (run / "training_config.yaml").write_text(yaml.safe_dump(config))
+    student.save_pretrained(run / "final")
+    return run
+
+
+def _card(upload) -> ModelCard:
+    return ModelCard(upload["files"]["README.md"].decode())
+
+
+def _assert_no_token(upload, *texts):
+    assert all(TOKEN.encode() not in content for content in upload["files"].values())
+    assert all(TOKEN not in text for text in texts)
+
+
+def test_push_folder_uploads_one_commit_with_card(trainer_run, hub_calls, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    commit = hub.push_to_hub(trainer_run / "final", "me/flux-t5-tiny", token=TOKEN, private=True)
+
+    (create,) = hub_calls["create_repo"]
+    assert create == {"repo_id": "me/flux-t5-tiny", "token": TOKEN, "private": True, "exist_ok": True}
+    assert hub_calls["create_branch"] == []
+    (upload,) = hub_calls["upload_folder"]
+    assert upload["repo_id"] == "me/flux-t5-tiny" and upload["revision"] is None and upload["create_pr"] is False
+    assert set(upload["files"]) == {"config.json", "model.safetensors", "README.md"}
+    assert upload["files"]["model.safetensors"] == (trainer_run / "final" / "model.safetensors").read_bytes()
+    assert commit.commit_url.endswith(FAKE_COMMIT)
+
+    card = _card(upload)
+    assert card.data.library_name == "flux-small-encoder"
+    assert {"flux", "text-encoder", "distillation"} <= set(card.data.tags)
+    assert card.data.license == "other"
+    assert card.data.base_model == "google/t5-v1_1-base"
+    assert card.data.teacher == "google/t5-v1_1-xxl"
+    assert card.data.distilled_for == "black-forest-labs/FLUX.1-dev"
+    assert 'load_pipeline("black-forest-labs/FLUX.1-dev", encoder="me/flux-t5-tiny"' in card.text
+    assert "2 layers, d_model 16" in card.text and "16 -> 32 -> 32" in card.text
+    assert "max_steps: 50000" in card.text and "num_inference_steps: 20" in card.text
+    assert "output_dir" not in card.text and "/home/someone" not in card.text and "hub_token" not in card.text
+    assert "compbench" in card.text
+
+    out = capsys.readouterr()
+    _assert_no_token(upload, out.out, out.err, caplog.text)
+    assert sorted(path.name for path in (trainer_run / "final").iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_push_model_with_tokenizer_revision_and_pr(student, hub_calls):
+    commit = hub.push_to_hub(
+        student, "me/tiny", tokenizer=tiny_t5_tokenizer(), revision="v1", create_pr=True, license="apache-2.0",
+        commit_message="first weights", base_model="/not/a/hub/id",
+    )
+    assert hub_calls["create_branch"] == [{"repo_id": "me/tiny", "branch": "v1", "exist_ok": True}]
+    (upload,) = hub_calls["upload_folder"]
+    assert upload["revision"] == "v1" and upload["create_pr"] is True
+    assert upload["commit_message"] == "first weights"
+    assert {"config.json", "model.safetensors", "README.md", "tokenizer_config.json"} <= set(upload["files"])
+    card = _card(upload)
+    assert card.data.license == "apache-2.0"
+    assert card.data.base_model is None  # a local path is not a Hub id: left out rather than rejected by the Hub
+    assert "| tokenizer | included |" in card.text
+    assert "## Training" not in card.text  # no trainer config for a model object
+    assert commit.pr_url.endswith("/discussions/1")
+
+
+def test_given_tokenizer_replaces_the_folders_without_touching_it(student, tmp_path, hub_calls):
+    folder = tmp_path / "model"
+    student.save_pretrained(folder)
+    old = tiny_t5_tokenizer()
+    old.model_max_length = 77
+    old.save_pretrained(folder)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    hub.push_to_hub(folder, "me/tiny", tokenizer=tiny_t5_tokenizer())
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    (upload,) = hub_calls["upload_folder"]
+    assert b'"model_max_length": 512' in upload["files"]["tokenizer_config.json"]
+
+
+def test_existing_card_is_kept(student, tmp_path, hub_calls):
+    student.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "README.md").write_text("---\nlicense: mit\n---\n# My own card\n")
+    hub.push_to_hub(tmp_path / "model", "me/tiny")
+    (upload,) = hub_calls["upload_folder"]
+    assert upload["files"]["README.md"] == b"---\nlicense: mit\n---\n# My own card\n"
+
+
+def test_token_in_a_file_is_refused_before_anything_is_sent(student, tmp_path, hub_calls):
+    student.save_pretrained(tmp_path / "model")
+    (tmp_path / "model" / "README.md").write_text(f"token: {TOKEN}\n")
+    with pytest.raises(ValueError, match="README.md contains your Hub token"):
+        hub.push_to_hub(tmp_path / "model", "me/tiny", token=TOKEN)
+    assert hub_calls == {"create_repo": [], "create_branch": [], "upload_folder": []}
+
+
+def test_push_refuses_what_is_not_a_saved_model(trainer_run, tmp_path, hub_calls):
+    with pytest.raises(ValueError, match=r"no config.json\)\. It holds .*final: pass that"):
+        hub.push_to_hub(trainer_run, "me/tiny")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text((trainer_run / "final" / "config.json").read_text())
+    (tmp_path / "broken" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="is the file complete"):
+        hub.push_to_hub(tmp_path / "broken", "me/tiny")
+    assert hub_calls["upload_folder"] == []
+
+
+def test_cli_push(trainer_run, hub_calls, capsys):
+    args = ["push", str(trainer_run / "final"), "me/tiny", "--private", "--token", TOKEN, "--license", "apache-2.0"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"https://huggingface.co/me/tiny/commit/{FAKE_COMMIT}" in out and TOKEN not in out
+    assert hub_calls["create_repo"][0]["private"] is True
+    _assert_no_token(hub_calls["upload_folder"][0])
+
+
+def test_download_registry_name_through_seeded_cache(seeded_hub):
+    folder = hub.download("t5-base-distilled")
+    assert Path(folder) == seeded_hub
+    assert {"config.json", "model.safetensors"} <= set(p.name for p in Path(folder).iterdir())
+    assert hub.download("LifuWang/DistillT5", local_files_only=True) == folder
+
+
+def test_download_fetches_only_the_model_files(seeded_hub, monkeypatch):
+    seen = {}
+    real = hub.snapshot_download
+
+    def spy(repo_id, **kwargs):
+        seen.update(kwargs, repo_id=repo_id)
+        return real(repo_id, **kwargs)
+
+    monkeypatch.setattr(hub, "snapshot_download", spy)
+    hub.download("t5-base-distilled")
+    assert seen["repo_id"] == "LifuWang/DistillT5"
+    repo_files = ["config.json", "model.safetensors", "README.md", "DistillT5-F32.safetensors", "experiment.pth",
+                  "pytorch_model.bin", "tokenizer.json", "spiece.model", "model-00001-of-00002.safetensors",
+                  "model.safetensors.index.json", "images/sample.png"]
+    fetched = set(filter_repo_objects(repo_files, allow_patterns=seen["allow_patterns"]))
+    assert fetched == {"config.json", "model.safetensors", "tokenizer.json", "spiece.model",
+                       "model-00001-of-00002.safetensors", "model.safetensors.index.json"}
+
+
+def test_download_revision_and_local_folder(public_checkpoint, tmp_path):
+    commit = "f" * 40
+    files = {name: public_checkpoint / name for name in ("config.json", "model.safetensors")}
+    snapshot = seed_hub_cache("me/pinned", files, revision="v1", commit=commit)
+    assert Path(hub.download("me/pinned", revision="v1")) == snapshot
+    assert hub.download(str(public_checkpoint)) == str(public_checkpoint)
+
+
+def test_offline_without_cache_names_repo_and_command(tmp_path, capsys):
+    with pytest.raises(LocalEntryNotFoundError, match=r"'someone/absent'.*`hf download someone/absent`"):
+        hub.download("someone/absent")
+    with pytest.raises(LocalEntryNotFoundError, match="hf download someone/absent --revision v2"):
+        hub.download("someone/absent", revision="v2")
+
+    assert main(["download", "someone/absent"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "hf download someone/absent" in err and "Traceback" not in err
+
+
+def test_partial_cache_is_an_error(public_checkpoint):
+    seed_hub_cache("me/partial", {"config.json": public_checkpoint / "config.json"}, commit="e" * 40)
+    with pytest.raises(LocalEntryNotFoundError, match="only partly cached"):
+        hub.download("me/partial")
+
+
+def test_cli_download_prints_folder(seeded_hub, capsys):
+    assert main(["download", "t5-base-distilled"]) == 0
+    assert capsys.readouterr().out.strip() == str(seeded_hub)
+
+
+def test_training_config_lookup(trainer_run, tmp_path, student):
+    found = hub.find_training_config(trainer_run / "final")
+    assert found is not None and found[0] == trainer_run / "training_config.yaml"
+    student.save_pretrained(trainer_run / "checkpoint-10" / "student")
+    assert hub.find_training_config(trainer_run / "checkpoint-10" / "student")[0] == found[0]
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "config.yaml").write_text("something: else\n")  # not the trainer's: ignored
+    assert hub.find_training_config(tmp_path / "loose") is None
