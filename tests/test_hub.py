@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from conftest import FAKE_COMMIT, seed_hub_cache
+from .conftest import FAKE_COMMIT, seed_hub_cache
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
