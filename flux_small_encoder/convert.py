@@ -16,6 +16,7 @@ refused before any of it runs. Everything written is safetensors, atomically (a 
 from __future__ import annotations
 
 import json
+import math
 import os
 import pickle
 import re
@@ -288,7 +289,7 @@ def describe(path: str | os.PathLike) -> CheckpointInfo:
     if config is None:
         config, origin = infer_config(checkpoint.shapes), "inferred from the tensor shapes"
     check_config(config, checkpoint.shapes, checkpoint.source)
-    counts = {key: _numel(shape) for key, shape in checkpoint.shapes.items()}
+    counts = {key: math.prod(shape) for key, shape in checkpoint.shapes.items()}
     projector = sum(count for key, count in counts.items() if key.startswith("final_projection."))
     dtypes: dict[str, int] = {}
     for name in checkpoint.dtypes.values():
@@ -522,13 +523,6 @@ def _require(shapes: Mapping, keys, source: str = "the checkpoint") -> None:
 def _few(items: list, limit: int = 5) -> str:
     shown = ", ".join(map(str, items[:limit]))
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count
 
 
 def _human_size(size: int) -> str:
