@@ -243,13 +243,13 @@ def run_train(args) -> None:
         ]
         raise SystemExit(subprocess.call(command))
 
-    from .training import train
+    from .training import TrainingDivergedError, train
     from .training.data import PromptFileError
 
     config = _load_training_config(args)
     try:
         final = train(config)
-    except (PromptFileError, FileExistsError, FileNotFoundError) as error:
+    except (PromptFileError, FileExistsError, FileNotFoundError, TrainingDivergedError) as error:
         raise CLIError(error) from None
     print(f"student saved to {final} (load it with patch_encoder(pipe, {str(final)!r}))")
 

@@ -167,6 +167,13 @@ class TrainingConfig:
     )
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            # YAML reads `1e-4` (no dot) as a string.
+            if f.type in ("float", "float | None") and isinstance(getattr(self, f.name), str):
+                try:
+                    setattr(self, f.name, float(getattr(self, f.name)))
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number, got {getattr(self, f.name)!r}.") from None
         self.train_data = [_source(source) for source in self.train_data]
         self.eval_data = [_source(source) for source in self.eval_data]
         choices = {

@@ -132,6 +132,12 @@ def split_eval(prompts: list[str], count: int, seed: int = 0) -> tuple[list[str]
     return [p for p in prompts if p not in excluded], held_out
 
 
+def sample_prompts(prompts: list[str], count: int, seed: int = 0) -> list[str]:
+    """`count` distinct prompts drawn with a seed (all of them if there are fewer)."""
+    distinct = sorted(set(prompts))
+    return random.Random(seed).sample(distinct, min(count, len(distinct)))
+
+
 class PromptStream:
     """An endless, reshuffled-every-epoch sequence of prompts, addressed by position.
 

@@ -59,7 +59,9 @@ def load_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenParts
         vae_config = AutoencoderKL.load_config(config.model, subfolder="vae", **kwargs)
         vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
     for name in ("transformer", "text_encoder"):
-        parts[name].requires_grad_(False).eval().to(dtype)
+        parts[name].requires_grad_(False).eval()
+        if parts[name].dtype != dtype:
+            parts[name].to(dtype)
     return FrozenParts(
         transformer=parts["transformer"],
         scheduler=parts["scheduler"],

@@ -21,7 +21,7 @@ import torch
 
 from .cache import TeacherCache
 from .config import TrainingConfig
-from .data import PromptStream, load_sources, split_eval
+from .data import PromptStream, load_sources, sample_prompts, split_eval
 from .distill import NaiveDistillation, Trajectory, VisionDistillation, flux_schedule
 from .models import (
     add_lora,
@@ -75,7 +75,7 @@ class DistillationTrainer:
         self.accelerator = Accelerator(
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            log_with=self._trackers(),
+            log_with=self._trackers() or None,
             project_dir=str(self.output_dir),
         )
         set_seed(cfg.seed)
@@ -84,7 +84,7 @@ class DistillationTrainer:
         # Data first: a malformed prompt file fails before any model is loaded.
         train_prompts = load_sources(cfg.train_data, seed=cfg.seed)
         if cfg.eval_data:
-            eval_prompts = load_sources(cfg.eval_data, seed=cfg.seed)[: cfg.num_eval_prompts]
+            eval_prompts = sample_prompts(load_sources(cfg.eval_data, seed=cfg.seed), cfg.num_eval_prompts, cfg.seed)
         elif cfg.num_eval_prompts:
             train_prompts, eval_prompts = split_eval(train_prompts, cfg.num_eval_prompts, seed=cfg.seed)
         else:
@@ -214,6 +214,7 @@ class DistillationTrainer:
                 f"{kept}. Lower learning_rate (now {self.config.learning_rate}), use lr_warmup_steps, or check the "
                 "teacher embeddings."
             )
+        lr = self.lr_scheduler.get_last_lr()[0]
         grad_norm = None
         if self.config.max_grad_norm > 0:
             grad_norm = self.accelerator.clip_grad_norm_(self.trainable, self.config.max_grad_norm)
@@ -223,7 +224,7 @@ class DistillationTrainer:
         return {
             "step": self.step + 1,
             "loss": loss,
-            "lr": self.lr_scheduler.get_last_lr()[0],
+            "lr": lr,
             "grad_norm": None if grad_norm is None else float(grad_norm),
             "timestep_index": step_index,
             "epoch": (self.step // self.config.steps_per_batch + 1) * self._global_batch / len(self.stream),
