@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -72,7 +73,10 @@ class DistillationTrainer:
         from diffusers.optimization import get_scheduler
 
         cfg = self.config
+        # Under torchrun on a machine without GPUs, accelerate only forms a (gloo) process group when told `cpu`.
+        no_gpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
+            cpu=no_gpu_ddp,
             mixed_precision=cfg.mixed_precision,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             log_with=self._trackers() or None,
