@@ -174,6 +174,8 @@ class TrainingConfig:
                     setattr(self, f.name, float(getattr(self, f.name)))
                 except ValueError:
                     raise ValueError(f"{f.name} must be a number, got {getattr(self, f.name)!r}.") from None
+        if self.mixed_precision is False:  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
         self.train_data = [_source(source) for source in self.train_data]
         self.eval_data = [_source(source) for source in self.eval_data]
         choices = {
@@ -270,14 +272,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value.")
         parsed = yaml.safe_load(value) if value else None
-        # Paths and names stay strings even when YAML would read them as numbers or booleans.
-        overrides[key.strip()] = value if key.strip() in _STRING_FIELDS and parsed is not None else parsed
+        # Paths, names and choices stay strings even when YAML would read them as numbers or booleans (`no`).
+        overrides[key.strip()] = value if key.strip() in _string_fields() and parsed is not None else parsed
     return overrides
 
 
-_STRING_FIELDS = {
-    "model", "revision", "teacher", "teacher_cache", "student", "output_dir", "resume_from_checkpoint", "data_root"
-}
+def _string_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainingConfig) if f.type in ("str", "str | None")}
 
 
 def _resolve_paths(values: dict[str, Any], base: Path) -> None:
