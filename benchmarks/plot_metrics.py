@@ -25,8 +25,8 @@ def main():
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     held_out = [(r["step"], r["eval_error"]) for r in records if "eval_error" in r]
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
-    ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="training loss (MSE of predictions, per step)")
-    ax.plot(*zip(*held_out), "o-", lw=1.8, label="held-out error (along the teacher's trajectory)")
+    ax.plot(*zip(*train, strict=True), lw=0.8, alpha=0.6, label="training loss (MSE of predictions, per step)")
+    ax.plot(*zip(*held_out, strict=True), "o-", lw=1.8, label="held-out error (along the teacher's trajectory)")
     ax.axhline(held_out[0][1] / 5, color="gray", ls="--", lw=0.8, label="a fifth of the starting held-out error")
     ax.set_yscale("log")
     ax.set_xlabel("optimizer step")

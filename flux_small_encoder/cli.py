@@ -198,7 +198,7 @@ def _config_fields_help() -> str:
     for field in dataclasses.fields(TrainingConfig):
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         lines.append(f"  {field.name} (default: {default!r})")
-        lines += textwrap.wrap(field.metadata.get("help", ""), 112, initial_indent="      ", subsequent_indent="      ")
+        lines += textwrap.wrap(field.metadata.get("help", ""), 112, initial_indent=" " * 6, subsequent_indent=" " * 6)
     return "\n".join(lines)
 
 
@@ -234,24 +234,29 @@ def add_train_parser(subparsers) -> None:
 
 
 def run_train(args) -> None:
-    import subprocess
-
+    config = _load_training_config(args)  # checked here, before any process starts
     if args.num_processes and args.num_processes > 1:
+        import subprocess
+
         command = [
             sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-            str(args.num_processes), "-m", "flux_small_encoder.train", "--config", args.config, *args.overrides,
+            str(args.num_processes), "--num_machines", "1", "--mixed_precision", config.mixed_precision,
+            "--dynamo_backend", "no", "-m", "flux_small_encoder.train", "--config", args.config, *args.overrides,
         ]
-        raise SystemExit(subprocess.call(command))
+        code = subprocess.call(command)
+        if code:
+            raise CLIError(f"training on {args.num_processes} processes failed (exit status {code}); see above.")
+        return
 
     from .training import TrainingDivergedError, train
     from .training.data import PromptFileError
 
-    config = _load_training_config(args)
     try:
         final = train(config)
     except (PromptFileError, FileExistsError, FileNotFoundError, TrainingDivergedError) as error:
         raise CLIError(error) from None
-    print(f"student saved to {final} (load it with patch_encoder(pipe, {str(final)!r}))")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"student saved to {final} (load it with patch_encoder(pipe, {str(final)!r}))")
 
 
 def add_cache_teacher_parser(subparsers) -> None:

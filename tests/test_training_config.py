@@ -139,3 +139,19 @@ def test_split_eval_holds_prompts_out():
     prompts = [f"p{i}" for i in range(20)] * 2
     train, held_out = split_eval(prompts, 5)
     assert len(held_out) == 5 and not set(train) & set(held_out) and len(train) == 30
+
+
+def test_num_processes_goes_through_accelerate_launch(monkeypatch, tmp_path):
+    import subprocess
+
+    from flux_small_encoder.cli import main
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command: calls.append(command) or 0)
+    assert main(["train", "--config", "tiny", "--num-processes", "8", f"output_dir={tmp_path}"]) == 0
+    command = calls[0]
+    assert command[1:4] == ["-m", "accelerate.commands.launch", "--multi_gpu"]
+    assert command[command.index("--num_processes") + 1] == "8"
+    assert command[-4:] == ["flux_small_encoder.train", "--config", "tiny", f"output_dir={tmp_path}"]
+    # A bad config fails here, before any process starts.
+    assert main(["train", "--config", "tiny", "--num-processes", "8", "objective=kl"]) == 1 and len(calls) == 1

@@ -16,7 +16,14 @@ from safetensors.torch import load_file
 
 from flux_small_encoder import DistilledT5EncoderModel, patch_encoder
 from flux_small_encoder.cli import main
-from flux_small_encoder.training import DistillationTrainer, load_sources, TeacherCache, TrainingDivergedError, load_config, train
+from flux_small_encoder.training import (
+    DistillationTrainer,
+    TeacherCache,
+    TrainingDivergedError,
+    load_config,
+    load_sources,
+    train,
+)
 
 QUICK = ["report_to=none", "eval_steps=1000", "num_eval_prompts=4"]
 

@@ -77,7 +77,7 @@ def test_one_step_against_a_hand_computation(trainer):
     clip = min(1.0, cfg.max_grad_norm / (norm.item() + 1e-6))
     # AdamW's first step: decoupled decay, then m_hat / (sqrt(v_hat) + eps) with m_hat = g, v_hat = g^2.
     expected = {}
-    for (name, p), g in zip(student.named_parameters(), grads):
+    for (name, p), g in zip(student.named_parameters(), grads, strict=True):
         g = g * clip
         expected[name] = p.detach() * (1 - cfg.learning_rate * cfg.weight_decay) - cfg.learning_rate * g / (
             g.abs() + cfg.adam_epsilon

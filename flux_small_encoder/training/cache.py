@@ -117,7 +117,7 @@ def write_teacher_cache(
         for start in tqdm(range(0, len(distinct), batch_size), desc="teacher cache", disable=not progress):
             input_ids = tokenize(distinct[start : start + batch_size])
             embeds = encode(input_ids).to("cpu", dtype)
-            for row, embed in zip(input_ids, embeds):
+            for row, embed in zip(input_ids, embeds, strict=True):
                 key = cache_key(row)
                 if key not in seen:  # prompts that tokenize alike share one entry
                     seen.add(key)

@@ -231,7 +231,8 @@ def config_path(name_or_path: str | os.PathLike) -> Path:
     path = Path(name_or_path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"no config {str(name_or_path)!r}: give a YAML file or one of the shipped names {', '.join(SHIPPED_CONFIGS)}."
+            f"no config {str(name_or_path)!r}: give a YAML file or one of the shipped names "
+            f"{', '.join(SHIPPED_CONFIGS)}."
         )
     return path
 

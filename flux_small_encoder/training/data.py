@@ -107,12 +107,12 @@ def load_sources(sources: list[PromptSource], seed: int = 0) -> list[str]:
     if sources[0].weight is not None:
         total = sum(len(p) for p in per_source)
         weight_sum = sum(s.weight for s in sources)
-        repeats = [total * s.weight / weight_sum / len(p) for s, p in zip(sources, per_source)]
+        repeats = [total * s.weight / weight_sum / len(p) for s, p in zip(sources, per_source, strict=True)]
     else:
         repeats = [s.repeat for s in sources]
     rng = random.Random(seed)
     mixed = []
-    for prompts, repeat in zip(per_source, repeats):
+    for prompts, repeat in zip(per_source, repeats, strict=True):
         if repeat < 0:
             raise ValueError(f"repeat must be positive, got {repeat}.")
         whole, fraction = int(repeat), repeat - int(repeat)

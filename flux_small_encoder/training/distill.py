@@ -89,7 +89,8 @@ class VisionDistillation(nn.Module):
         return self
 
     def predict(self, trajectory: Trajectory, embeds: torch.Tensor, step_index: int) -> torch.Tensor:
-        """The transformer's prediction at `step_index` given `embeds` as the T5 embeddings (as FluxPipeline calls it)."""
+        """The transformer's prediction at `step_index` with `embeds` as the T5 embeddings (called as FluxPipeline
+        calls it)."""
         latents = trajectory.latents
         timestep = self.timesteps[step_index].expand(latents.shape[0]).to(latents.dtype)
         text_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)

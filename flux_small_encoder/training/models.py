@@ -50,8 +50,12 @@ def load_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenParts
             "transformer": FluxTransformer2DModel.from_pretrained(
                 config.model, subfolder="transformer", dtype=dtype, **kwargs
             ),
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(config.model, subfolder="scheduler", **kwargs),
-            "text_encoder": CLIPTextModel.from_pretrained(config.model, subfolder="text_encoder", dtype=dtype, **kwargs),
+            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(
+                config.model, subfolder="scheduler", **kwargs
+            ),
+            "text_encoder": CLIPTextModel.from_pretrained(
+                config.model, subfolder="text_encoder", dtype=dtype, **kwargs
+            ),
             "tokenizer": AutoTokenizer.from_pretrained(config.model, subfolder="tokenizer", **kwargs),
             "tokenizer_2": load_t5_tokenizer(config),
         }

@@ -453,7 +453,7 @@ class DistillationTrainer:
 
     def _check_cache_covers(self, prompts: list[str]) -> None:
         distinct = list(dict.fromkeys(prompts))
-        missing = [p for p, ids in zip(distinct, self._tokenize(distinct)) if ids not in self.cache]
+        missing = [p for p, ids in zip(distinct, self._tokenize(distinct), strict=True) if ids not in self.cache]
         if missing:
             raise ValueError(
                 f"{len(missing)} of {len(distinct)} prompts are not in the teacher cache {self.config.teacher_cache} "
