@@ -180,3 +180,31 @@ def test_two_processes_match_one(tmp_path):
     assert ddp_loss == pytest.approx(single_loss, rel=1e-3)
     for key, value in weights(single).items():
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-3, atol=1e-5)
+
+
+def test_bf16_with_gradient_checkpointing_and_accumulation(tmp_path):
+    out = tmp_path / "run"
+    trainer = DistillationTrainer(load_config("tiny", [
+        *QUICK, "max_steps=4", "num_inference_steps=2", "mixed_precision=bf16", "gradient_checkpointing=true",
+        "gradient_accumulation_steps=2", f"output_dir={out}",
+    ]))
+    trainer.setup()
+    assert trainer.frozen.transformer.dtype == torch.bfloat16 and trainer.teacher.dtype == torch.bfloat16
+    assert trainer.frozen.transformer.gradient_checkpointing
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    assert student.dtype == torch.float32  # master weights stay float32 under autocast
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    trainer.train()
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert len(steps) == 4 and all(r["loss"] > 0 for r in steps)
+
+
+def test_tensorboard_logging_when_installed(tmp_path):
+    from accelerate.utils import is_tensorboard_available
+
+    if not is_tensorboard_available():
+        pytest.skip("TensorBoard is not installed")
+    out = tmp_path / "run"
+    train(load_config("tiny", ["report_to=tensorboard", "num_eval_prompts=4", "max_steps=2", f"output_dir={out}"]))
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))

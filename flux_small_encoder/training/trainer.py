@@ -69,10 +69,15 @@ class DistillationTrainer:
 
     def setup(self) -> None:
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
 
         cfg = self.config
+        # accelerate keeps its state per process; a second run in one process (a notebook, the tests) may use
+        # another precision or accumulation. The process group (PartialState) is kept.
+        AcceleratorState._reset_state()
+        GradientState._reset_state()
         # Under torchrun on a machine without GPUs, accelerate only forms a (gloo) process group when told `cpu`.
         no_gpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
