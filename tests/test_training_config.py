@@ -82,7 +82,8 @@ def test_prompt_file_formats(tmp_path):
 
 @pytest.mark.parametrize(
     "name, text, where",
-    [("bad.json", '[\n"a",\n"b"\n"c"]', "bad.json:4"), ("bad.jsonl", '"a"\n{"prompt": 3}\n', "bad.jsonl:2"),
+    [("bad.json", '[\n"a",\n"b"\n"c"]', "bad.json:4"), ("bad.jsonl", '"a"\n{"prompt": 3}\n', "bad.jsonl, line 2"),
+     ("list.json", '["a", 3]', "list.json, item 1"),
      ("bad2.jsonl", '"a"\n"b"\n{oops\n', "bad2.jsonl:3"), ("bad.csv", "id,text\n1,a\n", "bad.csv:1"),
      ("bad.yaml", "x", "unknown prompt file type")],
 )

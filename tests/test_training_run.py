@@ -208,3 +208,13 @@ def test_tensorboard_logging_when_installed(tmp_path):
     out = tmp_path / "run"
     train(load_config("tiny", ["report_to=tensorboard", "num_eval_prompts=4", "max_steps=2", f"output_dir={out}"]))
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_resume_with_another_data_order_warns(tmp_path, caplog):
+    out = tmp_path / "run"
+    args = [*QUICK, "num_inference_steps=2", f"output_dir={out}"]
+    train(load_config("tiny", [*args, "max_steps=2"]))
+    with caplog.at_level("WARNING", logger="flux_small_encoder.training.trainer"):
+        train(load_config("tiny", [*args, "max_steps=3", "seed=5", "resume_from_checkpoint=latest"]))
+    assert "['seed']" in caplog.text
+    assert [r["step"] for r in metrics(out) if "loss" in r] == [1, 2, 3]

@@ -45,7 +45,7 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
             raise PromptFileError(f"{path}:{error.lineno}: invalid JSON ({error.msg}).") from None
         if not isinstance(items, list):
             raise PromptFileError(f"{path}:1: expected a JSON list of prompts, got a {type(items).__name__}.")
-        prompts = [_prompt_of(item, column, path, None) for item in items]
+        prompts = [_prompt_of(item, column, path, f"item {index}") for index, item in enumerate(items)]
     elif suffix == ".jsonl":
         prompts = []
         for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -55,7 +55,7 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
                 item = json.loads(line)
             except json.JSONDecodeError as error:
                 raise PromptFileError(f"{path}:{line_number}: invalid JSON ({error.msg}).") from None
-            prompts.append(_prompt_of(item, column, path, line_number))
+            prompts.append(_prompt_of(item, column, path, f"line {line_number}"))
     elif suffix == ".csv":
         with path.open(newline="", encoding="utf-8") as handle:
             reader = csv.DictReader(handle)
@@ -69,13 +69,14 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
     return [prompt.strip() for prompt in prompts if prompt and prompt.strip()]
 
 
-def _prompt_of(item, column: str, path: Path, line_number: int | None) -> str:
+def _prompt_of(item, column: str, path: Path, where: str) -> str:
     if isinstance(item, str):
         return item
     if isinstance(item, dict) and isinstance(item.get(column), str):
         return item[column]
-    where = f"{path}:{line_number}" if line_number else str(path)
-    raise PromptFileError(f"{where}: expected a prompt string or an object with a {column!r} string, got {item!r}.")
+    raise PromptFileError(
+        f"{path}, {where}: expected a prompt string or an object with a {column!r} string, got {item!r}."
+    )
 
 
 def expand_source(source: PromptSource) -> list[Path]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import math
 import os
 import shutil
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from .cache import TeacherCache
 from .config import TrainingConfig
@@ -34,7 +36,14 @@ from .models import (
     tokenize_t5,
 )
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_PREFIX = "checkpoint-"
+# Fields that decide the prompts, noise, guidance and loss of each step.
+_RESUME_FIELDS = (
+    "seed", "train_data", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps", "resolution",
+    "guidance_scales", "max_sequence_length", "objective", "zero_pooled_embeds", "model", "student",
+)
 METRICS_NAME = "metrics.jsonl"
 STATE_NAME = "trainer_state.json"
 
@@ -308,6 +317,7 @@ class DistillationTrainer:
         self.accelerator.save_state(str(staging / "state"))
         if self.accelerator.is_main_process:
             self._save_student(staging)
+            self.config.save(staging)
             (staging / STATE_NAME).write_text(json.dumps({"step": self.step}))
             if folder.exists():  # a checkpoint of an abandoned run at the same step
                 shutil.rmtree(folder)
@@ -368,6 +378,13 @@ class DistillationTrainer:
     def _resume(self, path: Path) -> None:
         self.accelerator.load_state(str(path / "state"))
         self.step = json.loads((path / STATE_NAME).read_text())["step"]
+        if (path / "config.yaml").is_file():
+            # Resuming continues exactly only if the data order, noise and objective are the same.
+            saved = yaml.safe_load((path / "config.yaml").read_text())
+            changed = sorted(k for k in _RESUME_FIELDS if saved.get(k) != self.config.to_dict().get(k))
+            if changed:
+                logger.warning(f"resuming {path} with other values of {changed}: the run continues, but not as "
+                               "the interrupted one would have.")
         # Metrics logged after the checkpoint by the interrupted run are dropped: this run logs those steps again.
         metrics = self.output_dir / METRICS_NAME
         if self.accelerator.is_main_process and metrics.is_file():
