@@ -13,6 +13,9 @@ EPILOG = """examples:
   flux-small-encoder demo --out demo.png
   flux-small-encoder generate "a cat holding a sign that says hello" --model black-forest-labs/FLUX.1-dev \\
       --encoder t5-base-distilled --out cat.png
+  flux-small-encoder train --config tiny output_dir=/tmp/tiny-run
+  flux-small-encoder push runs/s3/final me/my-encoder
+  flux-small-encoder info t5-base-distilled
 """
 
 
@@ -23,7 +26,7 @@ class CLIError(Exception):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="flux-small-encoder",
-        description="Small distilled T5 text encoders for FLUX: list, generate, demo.",
+        description="Small distilled T5 text encoders for FLUX: run, train, share.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -289,8 +292,149 @@ class _hub_errors_are_cli_errors:
         return False
 
 
-SUBCOMMANDS = [add_list_parser, add_generate_parser, add_demo_parser]
-SUBCOMMANDS += [add_push_parser, add_download_parser, add_convert_parser, add_info_parser]
+# --- train / cache-teacher -----------------------------------------------------------------------------------------
+
+TRAIN_EPILOG = """examples:
+  flux-small-encoder train --config tiny output_dir=/tmp/tiny-run
+  flux-small-encoder train --config stage1-compbench data_root=path/to/prompts output_dir=runs/s1
+  flux-small-encoder train --config stage1-compbench --num-processes 8 output_dir=runs/s1
+  accelerate launch --multi_gpu --num_processes 8 -m flux_small_encoder.train --config stage1-compbench ...
+  flux-small-encoder train --config runs/s1/config.yaml resume_from_checkpoint=latest
+
+shipped configs: {configs}
+fields (set in the YAML file or as key=value):
+{fields}
+"""
+
+
+def _config_fields_help() -> str:
+    import dataclasses
+    import textwrap
+
+    from .training.config import TrainingConfig
+
+    lines = []
+    for field in dataclasses.fields(TrainingConfig):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        lines.append(f"  {field.name} (default: {default!r})")
+        lines += textwrap.wrap(field.metadata.get("help", ""), 112, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def _add_config_arguments(parser) -> None:
+    parser.add_argument("--config", required=True, help="a shipped config name or a YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config fields that win over the file")
+
+
+def _load_training_config(args):
+    from .training.config import load_config
+
+    try:
+        return load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as error:
+        raise CLIError(error) from None
+
+
+def add_train_parser(subparsers) -> None:
+    from .training.config import SHIPPED_CONFIGS
+
+    parser = subparsers.add_parser(
+        "train",
+        help="distil a small T5 encoder from FLUX's T5-XXL (vision-based distillation with step following)",
+        epilog=TRAIN_EPILOG.format(configs=", ".join(SHIPPED_CONFIGS), fields=_config_fields_help()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_arguments(parser)
+    parser.add_argument(
+        "--num-processes", type=int, default=None,
+        help="start this many processes (one a GPU) through `accelerate launch --multi_gpu`",
+    )
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args) -> None:
+    config = _load_training_config(args)  # checked here, before any process starts
+    if args.num_processes and args.num_processes > 1:
+        import subprocess
+
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(args.num_processes), "--num_machines", "1", "--mixed_precision", config.mixed_precision,
+            "--dynamo_backend", "no", "-m", "flux_small_encoder.train", "--config", args.config, *args.overrides,
+        ]
+        code = subprocess.call(command)
+        if code:
+            raise CLIError(f"training on {args.num_processes} processes failed (exit status {code}); see above.")
+        return
+
+    from .training import TrainingDivergedError, train
+    from .training.data import PromptFileError
+
+    try:
+        final = train(config)
+    except (PromptFileError, FileExistsError, FileNotFoundError, TrainingDivergedError) as error:
+        raise CLIError(error) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"student saved to {final} (load it with patch_encoder(pipe, {str(final)!r}))")
+
+
+def add_cache_teacher_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "cache-teacher",
+        help="precompute the teacher's embeddings of a config's prompts, so training never loads T5-XXL",
+        epilog="example: flux-small-encoder cache-teacher --config stage1-compbench --out cache/s1 "
+        "data_root=path/to/prompts\n  then: flux-small-encoder train --config stage1-compbench teacher_cache=cache/s1",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_arguments(parser)
+    parser.add_argument("--out", default=None, help="cache folder to create (default: the config's teacher_cache)")
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                        help="storage dtype (default: bfloat16 with mixed_precision=bf16, else float32)")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts per teacher call")
+    parser.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    parser.set_defaults(func=run_cache_teacher)
+
+
+def run_cache_teacher(args) -> None:
+    import torch
+
+    from .training.cache import write_teacher_cache
+    from .training.data import PromptFileError, load_sources
+    from .training.models import load_t5_tokenizer, load_teacher, teacher_name, tokenize_t5
+
+    config = _load_training_config(args)
+    out = args.out or config.teacher_cache
+    if not out:
+        raise CLIError("give --out FOLDER (or set teacher_cache in the config).")
+    try:
+        prompts = load_sources(config.train_data + config.eval_data, seed=config.seed)
+    except PromptFileError as error:
+        raise CLIError(error) from None
+    model_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = load_teacher(config, model_dtype).to(device)
+    tokenizer = load_t5_tokenizer(config)
+    try:
+        folder = write_teacher_cache(
+            out,
+            encode=lambda ids: teacher(ids.to(device), output_hidden_states=False)[0],
+            tokenize=lambda batch: tokenize_t5(tokenizer, batch, config.max_sequence_length),
+            prompts=prompts,
+            teacher=teacher_name(config),
+            max_sequence_length=config.max_sequence_length,
+            dtype=getattr(torch, args.dtype) if args.dtype else model_dtype,
+            batch_size=args.batch_size,
+        )
+    except FileExistsError as error:
+        raise CLIError(error) from None
+    print(f"wrote the teacher embeddings of {len(set(prompts))} prompts to {folder}")
+
+
+SUBCOMMANDS = [
+    add_list_parser, add_generate_parser, add_demo_parser,
+    add_train_parser, add_cache_teacher_parser,
+    add_push_parser, add_download_parser, add_convert_parser, add_info_parser,
+]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,305 @@
+"""The training configuration: one dataclass whose field help is the documentation, filled from YAML and `key=value`.
+
+A run reads a YAML file (a shipped name such as `stage1-compbench`, or a path) for its defaults, then applies
+`key=value` overrides from the command line, and saves the resolved configuration as `output_dir/config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SHIPPED_CONFIGS = ("tiny", "stage1-compbench", "stage2-commontext", "stage3-mixed")
+
+
+@dataclass
+class PromptSource:
+    """One prompt file of a training or evaluation mix.
+
+    Args:
+        path: A `.txt` (one prompt a line), `.json` (a list), `.jsonl` or `.csv` file, or a glob of them
+            (`t2i-compbench/*_train.txt`). Relative paths are read from `data_root`; `package:NAME` names a file
+            shipped in `flux_small_encoder/data/`.
+        column: The field holding the prompt in `.jsonl` objects and `.csv` rows (default `prompt`).
+        repeat: How many times the source enters the mix (fractions take a seeded random part of a copy).
+        weight: Alternative to `repeat`: the source's share of the mix. Give weights to all sources or none.
+    """
+
+    path: str
+    column: str | None = None
+    repeat: float = 1.0
+    weight: float | None = None
+
+
+@dataclass
+class TrainingConfig:
+    """Everything a distillation run needs. Every field can be set in YAML or overridden as `key=value`."""
+
+    # --- models
+    model: str = field(
+        default="black-forest-labs/FLUX.1-dev",
+        metadata={"help": "FLUX pipeline (Hub repo id or folder) whose transformer, scheduler and CLIP are used, "
+                  "frozen. `tiny` builds tiny random components in code (offline smoke runs and tests)."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Revision of `model` on the Hub."})
+    teacher: str | None = field(
+        default=None,
+        metadata={"help": "T5 encoder to distil from (repo id or folder). Default: the pipeline's `text_encoder_2`. "
+                  "Not loaded at all when `teacher_cache` covers every prompt."},
+    )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={"help": "Folder of precomputed teacher embeddings written by `flux-small-encoder cache-teacher`. "
+                  "Prompts missing from it are an error (nothing is silently recomputed)."},
+    )
+    student: str = field(
+        default="google/t5-v1_1-base",
+        metadata={"help": "What the student starts from: a T5 checkpoint (repo id or folder), a distilled encoder "
+                  "(registry name, folder or repo id) when `student_init=distilled`, or `tiny`."},
+    )
+    student_init: str = field(
+        default="t5",
+        metadata={"help": "`t5`: the pretrained T5 encoder plus a new projector; `random`: the same architecture "
+                  "with random weights; `distilled`: continue from a distilled encoder (for example with LoRA)."},
+    )
+    projector_dropout: float = field(default=0.1, metadata={"help": "Dropout inside a new student's projector."})
+
+    # --- objective
+    objective: str = field(
+        default="vision",
+        metadata={"help": "`vision`: match the transformer's predictions along the teacher's sampling trajectory "
+                  "(the paper's method); `naive`: MSE between student and teacher embeddings (its ablation)."},
+    )
+    num_inference_steps: int = field(
+        default=20, metadata={"help": "Steps of the teacher trajectory; each is one optimizer step (vision only)."}
+    )
+    resolution: int = field(default=512, metadata={"help": "Image height and width the latents stand for."})
+    guidance_scales: list[float] = field(
+        default_factory=lambda: [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0],
+        metadata={"help": "Grid the guidance value of each prompt is drawn from (transformers with guidance "
+                  "embeddings only, such as FLUX.1-dev)."},
+    )
+    max_sequence_length: int = field(
+        default=512, metadata={"help": "Tokens per prompt for the T5 tokenizer (padding to this length)."}
+    )
+    zero_pooled_embeds: bool = field(
+        default=False,
+        metadata={"help": "Give the transformer zeros instead of CLIP's pooled embedding, as the reference code did. "
+                  "Off by default: inference uses the real one."},
+    )
+
+    # --- data
+    train_data: list[PromptSource] = field(
+        default_factory=list, metadata={"help": "Training prompt sources (a list of {path, column, repeat, weight})."}
+    )
+    eval_data: list[PromptSource] = field(
+        default_factory=list,
+        metadata={"help": "Held-out prompt sources. When empty, `num_eval_prompts` prompts are held out of "
+                  "`train_data` instead."},
+    )
+    data_root: str | None = field(
+        default=None,
+        metadata={"help": "Folder that relative prompt paths are read from. Default: the folder of the YAML file, "
+                  "or the current directory for the shipped configs."},
+    )
+    num_eval_prompts: int = field(default=32, metadata={"help": "Prompts used by the held-out evaluation."})
+
+    # --- optimisation
+    max_steps: int = field(default=1000, metadata={"help": "Optimizer steps to train for."})
+    train_batch_size: int = field(default=4, metadata={"help": "Prompts per device per micro-batch."})
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={"help": "Micro-batches (each following its own trajectory) whose gradients make one optimizer "
+                  "step at each timestep."},
+    )
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate of AdamW."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay."})
+    lr_scheduler: str = field(
+        default="constant",
+        metadata={"help": "diffusers `get_scheduler` name: constant, constant_with_warmup, linear, cosine, ..."},
+    )
+    lr_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the learning rate schedule."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the student's gradient norm to this (0: off)."})
+    mixed_precision: str = field(
+        default="no",
+        metadata={"help": "`bf16` runs the frozen models in bfloat16 and the student under autocast; `no` is "
+                  "float32 throughout. fp16 is refused: T5 overflows in it."},
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute the transformer's activations in backward to save memory."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the data order, the noise, the guidance and the init."})
+
+    # --- LoRA
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the student (0: train every weight)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
+        metadata={"help": "Student modules that get LoRA adapters (T5 attention and feed-forward names)."},
+    )
+    lora_train_projector: bool = field(
+        default=False, metadata={"help": "With LoRA, also train the projector fully (peft `modules_to_save`)."}
+    )
+
+    # --- outputs
+    output_dir: str = field(default="runs/distill", metadata={"help": "Where checkpoints, metrics and final/ go."})
+    checkpointing_steps: int = field(default=500, metadata={"help": "Write a checkpoint every this many steps."})
+    checkpoints_total_limit: int | None = field(
+        default=None, metadata={"help": "Keep only this many most recent checkpoints (default: all)."}
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or `latest` for the newest one in `output_dir`."}
+    )
+    eval_steps: int = field(default=250, metadata={"help": "Run the held-out evaluation every this many steps."})
+    eval_guidance_scale: float = field(default=3.5, metadata={"help": "Guidance of the evaluation trajectories."})
+    report_to: str = field(
+        default="auto", metadata={"help": "`tensorboard`, `none`, or `auto` (TensorBoard when it is installed)."}
+    )
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            # YAML reads `1e-4` (no dot) as a string.
+            if f.type in ("float", "float | None") and isinstance(getattr(self, f.name), str):
+                try:
+                    setattr(self, f.name, float(getattr(self, f.name)))
+                except ValueError:
+                    raise ValueError(f"{f.name} must be a number, got {getattr(self, f.name)!r}.") from None
+        if self.mixed_precision is False:  # YAML reads a bare `no` as false
+            self.mixed_precision = "no"
+        self.train_data = [_source(source) for source in self.train_data]
+        self.eval_data = [_source(source) for source in self.eval_data]
+        choices = {
+            "objective": ("vision", "naive"),
+            "student_init": ("t5", "random", "distilled"),
+            "mixed_precision": ("no", "bf16"),
+            "report_to": ("auto", "tensorboard", "none"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                hint = " (fp16 overflows in T5's feed-forward; use bf16)" if getattr(self, name) == "fp16" else ""
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}{hint}.")
+        for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps",
+                     "checkpointing_steps", "eval_steps", "max_sequence_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if not self.guidance_scales:
+            raise ValueError("guidance_scales must hold at least one value.")
+        if self.lora_rank and self.student_init == "random":
+            raise ValueError("LoRA on a randomly initialised student makes no sense: set lora_rank=0 or "
+                             "student_init=t5 / distilled.")
+
+    @property
+    def steps_per_batch(self) -> int:
+        """Optimizer steps each batch of prompts gives: one per timestep for `vision`, one for `naive`."""
+        return self.num_inference_steps if self.objective == "vision" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the resolved configuration to `folder/config.yaml`."""
+        path = Path(folder) / "config.yaml"
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        return path
+
+
+def _source(source: PromptSource | dict | str) -> PromptSource:
+    if isinstance(source, PromptSource):
+        return source
+    if isinstance(source, str):
+        return PromptSource(path=source)
+    unknown = set(source) - {f.name for f in dataclasses.fields(PromptSource)}
+    if unknown:
+        raise ValueError(f"unknown prompt source keys {sorted(unknown)}: use path, column, repeat, weight.")
+    return PromptSource(**source)
+
+
+def config_path(name_or_path: str | os.PathLike) -> Path:
+    """The YAML file of a shipped config name (`tiny`, `stage1-compbench`, ...) or of a path."""
+    if str(name_or_path) in SHIPPED_CONFIGS:
+        return Path(str(resources.files("flux_small_encoder") / "configs" / f"{name_or_path}.yaml"))
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no config {str(name_or_path)!r}: give a YAML file or one of the shipped names "
+            f"{', '.join(SHIPPED_CONFIGS)}."
+        )
+    return path
+
+
+def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str, Any] = ()) -> TrainingConfig:
+    """Read a YAML config (a shipped name or a path) and apply `key=value` overrides on top.
+
+    Values of overrides are parsed as YAML, so `max_steps=100`, `zero_pooled_embeds=true` and
+    `guidance_scales=[3.5]` have the types you expect. Relative prompt paths are resolved against the YAML file's
+    directory, or `data_root` when set.
+
+    Args:
+        name_or_path: A shipped config name or a YAML file.
+        overrides: `key=value` strings, or a dict, that win over the file.
+    """
+    path = config_path(name_or_path)
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: a training config must be a YAML mapping of field names to values.")
+    if not isinstance(overrides, dict):
+        overrides = parse_overrides(overrides)
+    values.update(overrides)
+    default_root = Path.cwd() if str(name_or_path) in SHIPPED_CONFIGS else path.parent
+    _resolve_paths(values, Path(os.path.expanduser(values.get("data_root") or default_root)))
+    known = {f.name for f in dataclasses.fields(TrainingConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown} (in {path} or the overrides); see `flux-small-encoder "
+                         "train --help` for the fields.")
+    return TrainingConfig(**values)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """`["max_steps=10", "output_dir=/tmp/x"]` -> `{"max_steps": 10, "output_dir": "/tmp/x"}`."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} is not of the form key=value.")
+        parsed = yaml.safe_load(value) if value else None
+        # Paths, names and choices stay strings even when YAML would read them as numbers or booleans (`no`).
+        overrides[key.strip()] = value if key.strip() in _string_fields() and parsed is not None else parsed
+    return overrides
+
+
+def _string_fields() -> set[str]:
+    return {f.name for f in dataclasses.fields(TrainingConfig) if f.type in ("str", "str | None")}
+
+
+def _resolve_paths(values: dict[str, Any], base: Path) -> None:
+    for key in ("train_data", "eval_data"):
+        if key not in values or values[key] is None:
+            continue
+        if isinstance(values[key], (str, dict)):
+            values[key] = [values[key]]
+        resolved = []
+        for source in values[key]:
+            source = {"path": source} if isinstance(source, str) else dict(source)
+            if "path" not in source:
+                raise ValueError(f"a {key} entry has no `path`: {source}")
+            source["path"] = _resolve_path(str(source["path"]), base)
+            resolved.append(source)
+        values[key] = resolved
+
+
+def _resolve_path(path: str, base: Path) -> str:
+    if path.startswith("package:"):
+        return str(resources.files("flux_small_encoder") / "data" / path.removeprefix("package:"))
+    expanded = Path(os.path.expanduser(path))
+    return str(expanded if expanded.is_absolute() else (base / expanded))

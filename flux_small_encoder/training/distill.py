@@ -1,0 +1,146 @@
+"""The distillation objectives, as modules whose `forward` returns a dict with `"loss"`.
+
+`VisionDistillation` is the paper's method: along the teacher's own sampling trajectory, the frozen FLUX transformer
+predicts once with the teacher's embeddings (no grad) and once with the student's (grad flows through the transformer
+into the student); the loss is the MSE between the two predictions, and the latents then advance with the teacher's
+prediction. `NaiveDistillation` is the paper's ablation: MSE between the embeddings themselves.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Trajectory:
+    """One micro-batch of prompts on its way along the teacher's trajectory.
+
+    Args:
+        prompts: The prompts.
+        input_ids: Their T5 token ids, `(batch, max_sequence_length)`.
+        teacher_embeds: The teacher's embeddings of `input_ids`, computed once for the whole trajectory.
+        pooled_embeds: CLIP's pooled embeddings (or zeros), `(batch, pooled_projection_dim)`.
+        latents: The packed latents at the current timestep, `(batch, image_tokens, channels)`.
+        latent_ids: FLUX's positional ids of the image tokens.
+        guidance: The guidance value of each prompt, or None for transformers without guidance embeddings.
+    """
+
+    prompts: list[str]
+    input_ids: torch.Tensor
+    teacher_embeds: torch.Tensor
+    pooled_embeds: torch.Tensor
+    latents: torch.Tensor
+    latent_ids: torch.Tensor
+    guidance: torch.Tensor | None
+
+
+def flux_schedule(scheduler, num_inference_steps: int, image_seq_len: int, device=None):
+    """The timesteps and sigmas `FluxPipeline` samples with at this resolution.
+
+    As the pipeline does: sigmas `linspace(1, 1/N, N)`, shifted by `mu = calculate_shift(image_seq_len, ...)` from
+    the scheduler's config. The scheduler is copied, not changed.
+
+    Returns:
+        `(timesteps, sigmas)`: N timesteps (0-1000 scale) and N + 1 sigmas (the last is 0).
+    """
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+    scheduler = copy.deepcopy(scheduler)
+    if scheduler.config.get("stochastic_sampling", False):
+        raise ValueError("the scheduler samples stochastically; step following needs the deterministic Euler step.")
+    sigmas = np.linspace(1.0, 1 / num_inference_steps, num_inference_steps)
+    mu = calculate_shift(
+        image_seq_len,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.15),
+    )
+    timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
+    return timesteps, scheduler.sigmas.to(device)
+
+
+class VisionDistillation(nn.Module):
+    """Vision-based distillation with step following: the student's embeddings must make the frozen transformer
+    predict what the teacher's embeddings make it predict, at every timestep of the teacher's trajectory.
+
+    Args:
+        transformer: The frozen FLUX transformer. It stays in eval mode and needs no gradients of its own.
+        timesteps: The N timesteps of the trajectory (see `flux_schedule`).
+        sigmas: Its N + 1 sigmas.
+    """
+
+    def __init__(self, transformer: nn.Module, timesteps: torch.Tensor, sigmas: torch.Tensor):
+        super().__init__()
+        self.transformer = transformer.requires_grad_(False).eval()
+        self.register_buffer("timesteps", timesteps.float(), persistent=False)
+        self.register_buffer("sigmas", sigmas.float(), persistent=False)
+
+    def train(self, mode: bool = True):
+        # The frozen transformer stays in eval mode whatever the trainer does.
+        super().train(mode)
+        self.transformer.eval()
+        return self
+
+    def predict(self, trajectory: Trajectory, embeds: torch.Tensor, step_index: int) -> torch.Tensor:
+        """The transformer's prediction at `step_index` with `embeds` as the T5 embeddings (called as FluxPipeline
+        calls it)."""
+        latents = trajectory.latents
+        timestep = self.timesteps[step_index].expand(latents.shape[0]).to(latents.dtype)
+        text_ids = torch.zeros(embeds.shape[1], 3, device=latents.device, dtype=latents.dtype)
+        return self.transformer(
+            hidden_states=latents,
+            timestep=timestep / 1000,
+            guidance=trajectory.guidance,
+            pooled_projections=trajectory.pooled_embeds,
+            encoder_hidden_states=embeds.to(latents.dtype),
+            txt_ids=text_ids,
+            img_ids=trajectory.latent_ids,
+            return_dict=False,
+        )[0]
+
+    def advance(self, trajectory: Trajectory, teacher_pred: torch.Tensor, step_index: int) -> torch.Tensor:
+        """The scheduler's Euler step `x + (sigma_next - sigma) * v`, in float32 as FlowMatchEulerDiscreteScheduler
+        does, without its per-call step counter (several trajectories share one schedule here)."""
+        dt = self.sigmas[step_index + 1] - self.sigmas[step_index]
+        return (trajectory.latents.float() + dt * teacher_pred.float()).to(teacher_pred.dtype)
+
+    def forward(self, student_embeds: torch.Tensor, trajectory: Trajectory, step_index: int) -> dict:
+        """
+        Args:
+            student_embeds: The student's embeddings of `trajectory.input_ids` (with grad).
+            trajectory: The micro-batch; its `latents` are those of timestep `step_index`.
+            step_index: Which of the N timesteps.
+
+        Returns:
+            `{"loss", "student_pred", "teacher_pred", "next_latents"}`; the caller stores `next_latents` in the
+            trajectory after the backward pass.
+        """
+        with torch.no_grad():
+            teacher_pred = self.predict(trajectory, trajectory.teacher_embeds, step_index)
+        student_pred = self.predict(trajectory, student_embeds, step_index)
+        loss = F.mse_loss(student_pred.float(), teacher_pred.float())
+        return {
+            "loss": loss,
+            "student_pred": student_pred,
+            "teacher_pred": teacher_pred,
+            "next_latents": self.advance(trajectory, teacher_pred, step_index),
+        }
+
+
+class NaiveDistillation(VisionDistillation):
+    """The paper's ablation: MSE between the student's and the teacher's embeddings, no transformer in the loss.
+
+    It keeps the transformer only so that the held-out evaluation can compare predictions the same way for both
+    objectives (the paper reports that this objective collapses there).
+    """
+
+    def forward(self, student_embeds: torch.Tensor, trajectory: Trajectory, step_index: int) -> dict:
+        loss = F.mse_loss(student_embeds.float(), trajectory.teacher_embeds.float())
+        return {"loss": loss, "next_latents": trajectory.latents}

@@ -1,0 +1,158 @@
+"""The training configuration and the prompt files: YAML + overrides, shipped configs, readers and mixing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flux_small_encoder.training import SHIPPED_CONFIGS, PromptFileError, TrainingConfig, load_config, read_prompts
+from flux_small_encoder.training.config import config_path
+from flux_small_encoder.training.data import PromptStream, load_sources, split_eval
+
+
+@pytest.mark.parametrize("name", SHIPPED_CONFIGS)
+def test_every_shipped_config_loads(name, tmp_path):
+    config = load_config(name, [f"output_dir={tmp_path}", f"data_root={tmp_path}"])
+    assert isinstance(config, TrainingConfig)
+    assert config_path(name).is_file()
+    assert config.train_data, "every shipped config names its training prompts"
+    for source in config.train_data + config.eval_data:
+        assert Path(source.path).is_absolute()
+
+
+def test_tiny_config_ships_its_prompts():
+    config = load_config("tiny")
+    prompts = load_sources(config.train_data)
+    assert len(prompts) > 50 and all(prompts)
+
+
+def test_paper_hyper_parameters_in_stage_configs():
+    stages = {name: load_config(name) for name in ("stage1-compbench", "stage2-commontext", "stage3-mixed")}
+    assert [c.max_steps for c in stages.values()] == [50_000, 70_000, 200_000]
+    assert stages["stage2-commontext"].resolution == 1024
+    for config in stages.values():
+        assert config.learning_rate == 1e-4 and config.num_inference_steps == 20
+        assert config.guidance_scales == [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0]
+
+
+def test_overrides_win_and_are_typed(tmp_path):
+    config = load_config("tiny", ["max_steps=7", "zero_pooled_embeds=true", "guidance_scales=[3.5]",
+                                  "output_dir=123", "resume_from_checkpoint=latest"])
+    assert config.max_steps == 7 and config.zero_pooled_embeds is True and config.guidance_scales == [3.5]
+    assert config.output_dir == "123"  # paths stay strings
+
+
+def test_user_yaml_relative_paths_and_saved_config(tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cat\n\nа dog\n")
+    (tmp_path / "run.yaml").write_text("model: tiny\ntrain_data: [prompts.txt]\nmax_steps: 3\n")
+    config = load_config(tmp_path / "run.yaml", {"output_dir": str(tmp_path / "out")})
+    assert config.train_data[0].path == str(tmp_path / "prompts.txt")
+    (tmp_path / "out").mkdir()
+    saved = config.save(tmp_path / "out")
+    assert load_config(saved) == config
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [(["mixed_precision=fp16"], "bf16"), (["objective=kl"], "objective"), (["max_stepz=3"], "unknown config keys"),
+     (["max_steps"], "key=value"), (["max_steps=0"], "at least 1")],
+)
+def test_bad_config_values_are_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_config("tiny", overrides)
+
+
+def test_unknown_config_name():
+    with pytest.raises(FileNotFoundError, match="stage1-compbench"):
+        load_config("stage9")
+
+
+def test_prompt_file_formats(tmp_path):
+    (tmp_path / "a.txt").write_text("one\n\n  two  \n\n")
+    (tmp_path / "b.json").write_text(json.dumps(["three", "", {"prompt": "four"}]))
+    (tmp_path / "c.jsonl").write_text('"five"\n\n{"caption": "six", "x": 1}\n')
+    (tmp_path / "d.csv").write_text("id,caption\n1,seven\n2,\n3,eight\n")
+    assert read_prompts(tmp_path / "a.txt") == ["one", "two"]
+    assert read_prompts(tmp_path / "b.json") == ["three", "four"]
+    assert read_prompts(tmp_path / "c.jsonl", column="caption") == ["five", "six"]
+    assert read_prompts(tmp_path / "d.csv", column="caption") == ["seven", "eight"]
+
+
+@pytest.mark.parametrize(
+    "name, text, where",
+    [("bad.json", '[\n"a",\n"b"\n"c"]', "bad.json:4"), ("bad.jsonl", '"a"\n{"prompt": 3}\n', "bad.jsonl, line 2"),
+     ("list.json", '["a", 3]', "list.json, item 1"),
+     ("bad2.jsonl", '"a"\n"b"\n{oops\n', "bad2.jsonl:3"), ("bad.csv", "id,text\n1,a\n", "bad.csv:1"),
+     ("bad.yaml", "x", "unknown prompt file type")],
+)
+def test_malformed_prompt_file_names_file_and_line(tmp_path, name, text, where):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(PromptFileError, match=where.replace(".", r"\.")):
+        read_prompts(tmp_path / name)
+
+
+def test_malformed_file_fails_the_trainer_at_start(tmp_path):
+    from flux_small_encoder.cli import main
+
+    (tmp_path / "p.jsonl").write_text('"ok"\n{broken\n')
+    code = main(["train", "--config", "tiny", f"train_data=[{tmp_path / 'p.jsonl'}]",
+                 f"output_dir={tmp_path / 'out'}", "report_to=none"])
+    assert code == 1 and not (tmp_path / "out").exists()
+
+
+def test_mixing_by_repeat_and_weight(tmp_path):
+    (tmp_path / "small.txt").write_text("\n".join(f"s{i}" for i in range(10)))
+    (tmp_path / "big.txt").write_text("\n".join(f"b{i}" for i in range(90)))
+    config = load_config("tiny", {"train_data": [{"path": str(tmp_path / "small.txt"), "repeat": 2.5},
+                                                 {"path": str(tmp_path / "big.txt")}]})
+    mixed = load_sources(config.train_data, seed=0)
+    assert sum(p.startswith("s") for p in mixed) == 25 and sum(p.startswith("b") for p in mixed) == 90
+    config = load_config("tiny", {"train_data": [{"path": str(tmp_path / "small.txt"), "weight": 1},
+                                                 {"path": str(tmp_path / "big.txt"), "weight": 1}]})
+    mixed = load_sources(config.train_data, seed=0)
+    # Equal weights: half the mix from each source, whatever their sizes.
+    assert sum(p.startswith("s") for p in mixed) == 50 and abs(sum(p.startswith("b") for p in mixed) - 50) <= 1
+
+
+def test_glob_sources_and_empty_glob(tmp_path):
+    for name in ("x_train.txt", "y_train.txt", "x_val.txt"):
+        (tmp_path / name).write_text(name)
+    config = load_config("tiny", {"train_data": [str(tmp_path / "*_train.txt")]})
+    assert load_sources(config.train_data) == ["x_train.txt", "y_train.txt"]
+    config = load_config("tiny", {"train_data": [str(tmp_path / "*_test.txt")]})
+    with pytest.raises(PromptFileError, match="matches no file"):
+        load_sources(config.train_data)
+
+
+def test_stream_is_a_function_of_seed_and_position():
+    prompts = [f"p{i}" for i in range(10)]
+    stream = PromptStream(prompts, seed=3)
+    first_epoch = stream.take(0, 10)
+    assert sorted(first_epoch) == prompts and first_epoch != prompts
+    assert PromptStream(prompts, seed=3).take(13, 4) == stream.take(13, 4)
+    # Two processes taking alternate halves see what one process with the double batch sees.
+    assert stream.take(20, 2) + stream.take(22, 2) == stream.take(20, 4)
+
+
+def test_split_eval_holds_prompts_out():
+    prompts = [f"p{i}" for i in range(20)] * 2
+    train, held_out = split_eval(prompts, 5)
+    assert len(held_out) == 5 and not set(train) & set(held_out) and len(train) == 30
+
+
+def test_num_processes_goes_through_accelerate_launch(monkeypatch, tmp_path):
+    import subprocess
+
+    from flux_small_encoder.cli import main
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command: calls.append(command) or 0)
+    assert main(["train", "--config", "tiny", "--num-processes", "8", f"output_dir={tmp_path}"]) == 0
+    command = calls[0]
+    assert command[1:4] == ["-m", "accelerate.commands.launch", "--multi_gpu"]
+    assert command[command.index("--num_processes") + 1] == "8"
+    assert command[-4:] == ["flux_small_encoder.train", "--config", "tiny", f"output_dir={tmp_path}"]
+    # A bad config fails here, before any process starts.
+    assert main(["train", "--config", "tiny", "--num-processes", "8", "objective=kl"]) == 1 and len(calls) == 1
