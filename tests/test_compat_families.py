@@ -66,7 +66,13 @@ def test_pipeline_runs_patched(components, name):
     assert np.abs(image - teacher_image).max() > 1e-4
 
 
-@pytest.mark.parametrize("name", ["StableDiffusion3Pipeline", "ChromaPipeline", "PixArtSigmaPipeline"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=compat("Width check", f"{name}: student width refused unless the pipeline's"))
+        for name in ("StableDiffusion3Pipeline", "ChromaPipeline", "PixArtSigmaPipeline")
+    ],
+)
 def test_width_check_matches_what_the_pipeline_needs(components, name):
     pipe = build(components, name)
     slot = find_encoder_slot(pipe)
@@ -85,6 +91,7 @@ def test_width_check_matches_what_the_pipeline_needs(components, name):
         generate(pipe, **FAMILIES[name][1])
 
 
+@compat("Width check", "StableDiffusion3Pipeline: CLIP embeddings zero-padded to the student's width")
 def test_sd3_pads_clip_embeddings_to_the_student_width(components):
     pipe = patch_encoder(build(components, "StableDiffusion3Pipeline"), tiny_student())
     clip_width = pipe.text_encoder.config.hidden_size + pipe.text_encoder_2.config.hidden_size
@@ -94,7 +101,13 @@ def test_sd3_pads_clip_embeddings_to_the_student_width(components):
     assert torch.count_nonzero(prompt_embeds[:, :77, clip_width:]) == 0
 
 
-@pytest.mark.parametrize("name", ["ChromaPipeline", "PixArtSigmaPipeline"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=compat("Attention mask", f"{name}: the student honours the mask it is given"))
+        for name in ("ChromaPipeline", "PixArtSigmaPipeline")
+    ],
+)
 def test_student_honours_the_attention_mask(components, name):
     """Chroma and PixArt pass the tokenizer's mask: the student's embeddings of the prompt's tokens must not depend on
     how much padding follows."""

@@ -163,6 +163,7 @@ def test_prior_redux_then_flux(parts):
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
 
 
+@compat("Width check", "FluxPriorReduxPipeline: student width checked against the Redux image embedder")
 def test_prior_redux_width_is_checked_against_its_embedder(parts):
     from diffusers import FluxPriorReduxPipeline
 
