@@ -56,8 +56,8 @@ def load_encoder_lora(
             `token`, `cache_dir`, `local_files_only`, ... for a Hub adapter.
 
     Raises:
-        ValueError: the adapter is not a LoRA, has no safetensors weights, names no layer of the encoder, or its weights
-            do not fit the encoder. The encoder is left without the adapter.
+        ValueError: the adapter is not a LoRA, has no safetensors weights, names no layer of the encoder, or its
+            weights do not fit the encoder. The encoder is left without the adapter.
 
     Example:
     ```py
@@ -95,8 +95,12 @@ def load_encoder_lora(
                 + (f"weights for layers it lacks: {result.unexpected_keys[:3]}; " if result.unexpected_keys else "")
                 + "use an adapter trained on this encoder."
             )
-    except Exception:
+    except Exception as error:
         _discard(encoder, adapter_name, configs)
+        if isinstance(error, RuntimeError) and "size mismatch" in str(error):
+            raise ValueError(
+                f"The adapter {adapter} was trained on an encoder of other widths than this one: {error}"
+            ) from error
         raise
     active = {**_active_weights(encoder), adapter_name: weight}
     return set_encoder_lora(pipe_or_encoder, list(active), list(active.values()))
@@ -126,7 +130,7 @@ def set_encoder_lora(pipe_or_encoder, adapter_names: str | list[str], weights: f
     elif not isinstance(weights, (list, tuple)):
         weights = [weights] * len(names)
     if len(weights) != len(names):
-        raise ValueError(f"Got {len(weights)} weights for {len(names)} adapters: give one per adapter, or a single one.")
+        raise ValueError(f"Got {len(weights)} weights for {len(names)} adapters: give one per adapter, or one for all.")
     set_weights_and_activate_adapters(encoder, names, list(weights))
     setattr(encoder, _WEIGHTS_ATTR, dict(zip(names, weights)))
     return pipe_or_encoder
