@@ -162,7 +162,11 @@ def unfuse_encoder_lora(pipe_or_encoder):
 
 def unload_encoder_lora(pipe_or_encoder, adapter_names: str | list[str] | None = None):
     r"""
-    Remove adapters from the encoder (all by default), unmerging any that were fused first.
+    Remove adapters from the encoder (all by default).
+
+    As with diffusers' `fuse_lora` then `unload_lora_weights`, adapters fused by `fuse_encoder_lora` stay baked into
+    the weights when all adapters are removed: that is how to save an encoder (or a pipeline) with a LoRA merged in.
+    Call `unfuse_encoder_lora` first to get the base encoder back.
 
     Args:
         pipe_or_encoder (`DiffusionPipeline` or `DistilledT5EncoderModel`):
@@ -171,12 +175,16 @@ def unload_encoder_lora(pipe_or_encoder, adapter_names: str | list[str] | None =
             The adapters to remove.
     """
     encoder = _encoder_of(pipe_or_encoder)
-    unfuse_encoder_lora(encoder)
     loaded = _adapter_names(encoder)
     names = loaded if adapter_names is None else [adapter_names] if isinstance(adapter_names, str) else adapter_names
     unknown = sorted(set(names) - set(loaded))
     if unknown:
         raise ValueError(f"The encoder has no adapter named {unknown}; it has {loaded}.")
+    if set(names) != set(loaded) and any(layer.merged for layer in _lora_layers(encoder)):
+        raise ValueError(
+            "The encoder's adapters are fused: call `unfuse_encoder_lora` before removing some of them, or remove all "
+            "of them to keep the fused weights."
+        )
     remaining = {name: weight for name, weight in _active_weights(encoder).items() if name not in names}
     for name in names:
         _discard(encoder, name, {key: value for key, value in encoder.peft_config.items() if key != name})

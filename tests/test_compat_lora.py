@@ -198,3 +198,22 @@ def test_bad_student_adapters_are_refused(components, student_lora, tmp_path):
         load_encoder_lora(pipe, student_lora)
     unload_encoder_lora(pipe)
     assert close(generate(pipe), base)  # nothing of the refused adapters is left behind
+
+
+@compat("LoRA", "student LoRA merged for good: fuse_encoder_lora, unload_encoder_lora, save_pretrained")
+def test_fused_student_lora_saves_with_the_pipeline(components, student_lora, tmp_path):
+    from diffusers import FluxPipeline
+
+    pipe = make_pipe(components, patched=True)
+    load_encoder_lora(pipe, student_lora, weight=0.5)
+    adapted = generate(pipe)
+    with pytest.raises(ValueError, match="carries LoRA adapters"):
+        pipe.save_pretrained(tmp_path / "refused")  # the LoRA layers' keys would not load back
+    assert not (tmp_path / "refused" / "text_encoder_2" / "model.safetensors").exists()
+    assert not (tmp_path / "refused" / "model_index.json").exists()  # no folder that would load as a pipeline
+
+    fuse_encoder_lora(pipe)
+    unload_encoder_lora(pipe)  # keeps the fused weights, as diffusers' fuse_lora + unload_lora_weights do
+    assert close(generate(pipe), adapted)
+    pipe.save_pretrained(tmp_path / "merged")
+    assert close(generate(FluxPipeline.from_pretrained(tmp_path / "merged")), adapted)
