@@ -51,12 +51,16 @@ NOTES = """
   adapter as diffusers scales a T5 one.
 - **Kontext.** `FluxKontextPipeline` resizes its input image to a preferred resolution near one megapixel unless
   `_auto_resize=False`, and its output to `max_area`: tiny runs need both (`max_area=32*32`), or they take minutes.
-- **Sequential CPU offload** (`enable_sequential_cpu_offload`) is not listed: on a machine without an accelerator
-  it fails for the stock pipeline too (an accelerate limit), so it is not tested here. Model CPU offload and group
-  offload are tested with `device="cpu"`; the student gets the pipeline's hooks whether offload was enabled before
-  or after patching.
+- **Offload.** Model CPU offload and group offload are tested with `device="cpu"`: the student gets the pipeline's
+  hooks whether offload was enabled before or after patching, and the image is the one without offload.
+  **Sequential CPU offload** (`enable_sequential_cpu_offload`) is not claimed: without an accelerator it fails for
+  the stock pipeline too (an accelerate limit), and a test checks that it fails the same way patched. On a CUDA
+  machine, `test_accelerator_offload` (marked `gpu`, skipped elsewhere) runs model and sequential offload before and
+  after patching; it has not been run for this page. Patching *after* enabling sequential offload puts the student
+  whole on the execution device (it gets no sequential hooks of its own).
 - **torch.compile** of the student runs on CPU (inductor with gcc) and matches eager output; the first call of the
-  tiny student takes about 30 s on a 2-core CPU, so that test is marked `slow`.
+  tiny student takes 16 to 32 s on this shared 2-core CPU (cold inductor cache; about 4 s warm), so that test is
+  marked `slow`.
 """
 
 

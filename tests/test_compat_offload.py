@@ -87,3 +87,40 @@ def test_torch_compile_student_matches_eager():
     torch.testing.assert_close(first, eager, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(again, eager, atol=1e-5, rtol=1e-5)
     print(f"torch.compile of the tiny student: first call {compile_seconds:.1f} s")
+
+
+def test_sequential_offload_on_cpu_fails_as_for_the_stock_pipeline(components):
+    """Without an accelerator, `enable_sequential_cpu_offload` fails for the stock pipeline: check that patching
+    changes nothing about that, rather than claim it works."""
+    from diffusers import FluxPipeline
+
+    errors = []
+    for patched in (False, True):
+        pipe = FluxPipeline(**copy.deepcopy(components))
+        if patched:
+            patch_encoder(pipe, tiny_student())
+        with pytest.raises(Exception) as error:
+            pipe.enable_sequential_cpu_offload(device="cpu")
+            generate(pipe)
+        errors.append((type(error.value), str(error.value)))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ["model", "sequential"])
+@pytest.mark.parametrize("order", ["before patching", "after patching"])
+def test_accelerator_offload(components, kind, order):
+    from diffusers import FluxPipeline
+
+    reference_pipe = patch_encoder(FluxPipeline(**copy.deepcopy(components)), tiny_student()).to("cuda")
+    reference_image = generate(reference_pipe)
+    pipe = FluxPipeline(**copy.deepcopy(components))
+    offload = pipe.enable_model_cpu_offload if kind == "model" else pipe.enable_sequential_cpu_offload
+    if order == "before patching":
+        offload()
+        patch_encoder(pipe, tiny_student())
+    else:
+        patch_encoder(pipe, tiny_student())
+        offload()
+    np.testing.assert_allclose(generate(pipe), reference_image, atol=1e-4)
