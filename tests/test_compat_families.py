@@ -142,17 +142,17 @@ def test_student_honours_the_attention_mask(components, name):
     ],
 )
 def test_family_table_rows(name, width):
+    import inspect
+
     import diffusers
 
     cls = getattr(diffusers, name)
     slot = find_encoder_slot(cls)
     assert slot.width == width and slot in PIPELINE_FAMILIES.values()
     # Each slot names an argument of the pipeline's constructor and a config field of the model reading the embeddings.
-    import inspect
-
     parameters = inspect.signature(cls.__init__).parameters
     assert {slot.encoder, slot.tokenizer, slot.width_module} <= set(parameters)
     consumer = parameters[slot.width_module].annotation
-    consumer = getattr(diffusers, consumer, None) if isinstance(consumer, str) else consumer
-    if isinstance(consumer, type):
-        assert slot.width in inspect.signature(consumer.__init__).parameters
+    if isinstance(consumer, str):
+        consumer = getattr(diffusers, consumer, None) or getattr(diffusers.pipelines.flux.modeling_flux, consumer)
+    assert slot.width in inspect.signature(consumer.__init__).parameters
