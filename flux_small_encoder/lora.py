@@ -130,9 +130,9 @@ def set_encoder_lora(pipe_or_encoder, adapter_names: str | list[str], weights: f
     elif not isinstance(weights, (list, tuple)):
         weights = [weights] * len(names)
     if len(weights) != len(names):
-        raise ValueError(f"Got {len(weights)} weights for {len(names)} adapters: give one per adapter, or one for all.")
+        raise ValueError(f"Got {len(weights)} weights for {len(names)} adapters: give one per adapter, or one.")
     set_weights_and_activate_adapters(encoder, names, list(weights))
-    setattr(encoder, _WEIGHTS_ATTR, dict(zip(names, weights)))
+    setattr(encoder, _WEIGHTS_ATTR, dict(zip(names, weights, strict=True)))
     return pipe_or_encoder
 
 
