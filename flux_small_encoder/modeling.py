@@ -6,6 +6,8 @@ a patched encoder, and loads the class back from here.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel, T5Config, T5EncoderModel
@@ -56,6 +58,19 @@ class DistilledT5EncoderModel(PreTrainedModel):
             nn.init.normal_(module.weight, std=module.in_features**-0.5)
         else:
             self.encoder._init_weights(module)
+
+    # Refused while LoRA adapters (`flux_small_encoder.lora`) are in place: their layers' keys would not load back into
+    # a plain encoder, whose weights would then be silently re-initialised. `wraps` keeps the parent's signature, which
+    # diffusers inspects to pass `variant`, `safe_serialization`, ... when saving a pipeline.
+    @functools.wraps(PreTrainedModel.save_pretrained)
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        adapters = list(getattr(self, "peft_config", None) or [])
+        if adapters:
+            raise ValueError(
+                f"The encoder carries LoRA adapters {adapters}. Save them with `save_encoder_lora`, or merge them in "
+                "with `fuse_encoder_lora` then `unload_encoder_lora` before saving the encoder or its pipeline."
+            )
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.encoder.get_input_embeddings()

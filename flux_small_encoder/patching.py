@@ -7,6 +7,7 @@ family is a new row, not a new branch.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,29 +31,38 @@ class EncoderSlot:
     Args:
         encoder: The pipeline attribute holding the T5 encoder.
         tokenizer: The pipeline attribute holding its tokenizer.
-        width: The transformer config field that the encoder's embeddings must match.
+        width: The config field of `width_module` that the encoder's embeddings must match.
         max_length: The pipeline's default `max_sequence_length`.
+        width_module: The pipeline component that consumes the embeddings and holds `width` in its config.
     """
 
     encoder: str
     tokenizer: str
     width: str
     max_length: int
+    width_module: str = "transformer"
 
 
-# Pipeline class-name prefix -> slot. A pipeline matches on its own class name or any base class's.
+# Pipeline class-name prefix -> slot. A pipeline matches on its own class name or any base class's; the prefix must end
+# a word ("Flux" names FluxImg2ImgPipeline, not Flux2Pipeline, whose text encoder is no T5), and the longest one wins.
 PIPELINE_FAMILIES: dict[str, EncoderSlot] = {
     "Flux": EncoderSlot("text_encoder_2", "tokenizer_2", "joint_attention_dim", 512),
+    "FluxPriorRedux": EncoderSlot("text_encoder_2", "tokenizer_2", "txt_in_features", 512, "image_embedder"),
+    "StableDiffusion3": EncoderSlot("text_encoder_3", "tokenizer_3", "joint_attention_dim", 256),
+    "Chroma": EncoderSlot("text_encoder", "tokenizer", "joint_attention_dim", 512),
+    "PixArtSigma": EncoderSlot("text_encoder", "tokenizer", "caption_channels", 300),
+    "PixArtAlpha": EncoderSlot("text_encoder", "tokenizer", "caption_channels", 120),
 }
 
 
 def find_encoder_slot(pipeline_or_cls) -> EncoderSlot:
-    """The slot of the first family whose prefix names the pipeline's class (or a base class)."""
+    """The slot of the family whose prefix names the pipeline's class (or the nearest base class)."""
     cls = pipeline_or_cls if isinstance(pipeline_or_cls, type) else type(pipeline_or_cls)
     for base in cls.__mro__:
-        for prefix, slot in PIPELINE_FAMILIES.items():
-            if base.__name__.startswith(prefix):
-                return slot
+        name = base.__name__
+        prefixes = [prefix for prefix in PIPELINE_FAMILIES if re.match(f"{prefix}[A-Z]", name)]
+        if prefixes:
+            return PIPELINE_FAMILIES[max(prefixes, key=len)]
     raise TypeError(
         f"{cls.__name__} is not a supported pipeline: flux-small-encoder knows the T5 slot of the "
         f"{', '.join(PIPELINE_FAMILIES)} pipeline families."
@@ -72,9 +82,10 @@ def patch_encoder(
     r"""
     Replace the pipeline's T5 encoder with a distilled one, in place, and return the pipeline.
 
-    The student follows the pipeline: the transformer's dtype and the replaced encoder's device, or the pipeline's
-    model CPU offload or group offload if one is enabled. It is registered with `register_modules`, so the patched
-    pipeline saves and loads with `save_pretrained` / `from_pretrained` (import `flux_small_encoder` before loading).
+    The student follows the pipeline: the dtype of the model that reads its embeddings (the transformer) and the
+    replaced encoder's device, or the pipeline's model CPU offload or group offload if one is enabled. It is registered
+    with `register_modules`, so the patched pipeline saves and loads with `save_pretrained` / `from_pretrained` (import
+    `flux_small_encoder` before loading).
 
     Args:
         pipe (`DiffusionPipeline`):
@@ -82,7 +93,7 @@ def patch_encoder(
         encoder (`str`, `os.PathLike` or `DistilledT5EncoderModel`):
             A registry name (`list_pretrained()`), a folder written by `save_pretrained`, a Hub repo id, or a model.
         dtype (`torch.dtype`, *optional*):
-            The student's dtype; defaults to the transformer's.
+            The student's dtype; defaults to the transformer's (FluxPriorRedux: the image embedder's).
         device (`torch.device` or `str`, *optional*):
             The student's device when no offload is enabled; defaults to the replaced encoder's, else the transformer's.
         keep_original (`bool`, *optional*, defaults to `False`):
@@ -104,7 +115,7 @@ def patch_encoder(
     ```
     """
     slot = find_encoder_slot(pipe)
-    dtype = dtype or pipe.transformer.dtype
+    dtype = dtype or getattr(pipe, slot.width_module).dtype
     if isinstance(encoder, DistilledT5EncoderModel):
         student = encoder
     else:
@@ -200,11 +211,12 @@ def check_compatible(pipe, student: DistilledT5EncoderModel, slot: EncoderSlot |
     """Raise a `ValueError` naming both numbers if the student cannot serve this pipeline (with `tokenizer`, if given,
     in place of the pipeline's own)."""
     slot = slot or find_encoder_slot(pipe)
-    expected = getattr(pipe.transformer.config, slot.width)
+    consumer = getattr(pipe, slot.width_module)
+    expected = getattr(consumer.config, slot.width)
     produced = student.config.project_out_dim
     if produced != expected:
         raise ValueError(
-            f"The encoder produces {produced}-wide embeddings but {type(pipe.transformer).__name__} expects "
+            f"The encoder produces {produced}-wide embeddings but {type(consumer).__name__} expects "
             f"{slot.width}={expected}. Use an encoder distilled for this transformer (project_out_dim={expected})."
         )
     tokenizer = tokenizer if tokenizer is not None else getattr(pipe, slot.tokenizer, None)
@@ -227,7 +239,7 @@ def _swap(pipe, slot: EncoderSlot, new: nn.Module | None, device) -> None:
     model_offload = bool(getattr(pipe, "_all_hooks", None))
     group_hooks = [hook for hook in map(_get_top_level_group_offload_hook, modules) if hook is not None]
     if device is None:
-        device = get_module_execution_device(old if old is not None else pipe.transformer)
+        device = get_module_execution_device(old if old is not None else getattr(pipe, slot.width_module))
     if model_offload and old is not None:
         from accelerate.hooks import remove_hook_from_module
 

@@ -70,15 +70,10 @@ def tiny_student(seed: int = 1, project_out_dim: int = JOINT_ATTENTION_DIM) -> D
 
 def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> dict:
     """The components of a tiny random `FluxPipeline`, with `tiny_teacher()` as `text_encoder_2`."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(
-        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=JOINT_ATTENTION_DIM, pooled_projection_dim=32,
-        axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds,
-    )
+    transformer = tiny_flux_transformer(seed, guidance_embeds=guidance_embeds)
     torch.manual_seed(seed)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -109,3 +104,139 @@ def tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     from diffusers import FluxPipeline
 
     return FluxPipeline(**tiny_flux_components(seed, guidance_embeds))
+
+
+# Builders for the compatibility tests and the examples' `--tiny` runs: FLUX variants, ControlNet, Redux, and the other
+# T5-conditioned families (Stable Diffusion 3, Chroma, PixArt). A 2-step 32x32 run of each takes well under a second.
+
+
+def tiny_flux_transformer(
+    seed: int = 0, in_channels: int = 4, out_channels: int | None = None, guidance_embeds: bool = True
+):
+    """A tiny random `FluxTransformer2DModel`; `in_channels=8` serves FluxControl, `12` FluxFill (`out_channels=4`)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(
+        patch_size=1, in_channels=in_channels, out_channels=out_channels, num_layers=1, num_single_layers=1,
+        attention_head_dim=16, num_attention_heads=2, joint_attention_dim=JOINT_ATTENTION_DIM,
+        pooled_projection_dim=32, axes_dims_rope=[4, 4, 8], guidance_embeds=guidance_embeds,
+    ).eval()
+
+
+def tiny_flux_controlnet(seed: int = 0, num_mode: int | None = None):
+    """A tiny random `FluxControlNetModel` for `tiny_flux_transformer()`; `num_mode` makes it a Union ControlNet."""
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(seed)
+    return FluxControlNetModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=JOINT_ATTENTION_DIM, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True, num_mode=num_mode,
+    ).eval()
+
+
+def tiny_redux_components(seed: int = 0) -> dict:
+    """The image-side components of a tiny `FluxPriorReduxPipeline` (SigLIP, its processor, the Redux embedder)."""
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(seed)
+    image_encoder = SiglipVisionModel(
+        SiglipVisionConfig(
+            hidden_size=16, intermediate_size=37, num_attention_heads=2, num_hidden_layers=1, image_size=32,
+            patch_size=8,
+        )
+    )
+    torch.manual_seed(seed)
+    embedder = ReduxImageEncoder(redux_dim=16, txt_in_features=JOINT_ATTENTION_DIM)
+    processor = SiglipImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32})
+    return {"image_encoder": image_encoder.eval(), "feature_extractor": processor, "image_embedder": embedder.eval()}
+
+
+def tiny_sd3_components(seed: int = 0) -> dict:
+    """The components of a tiny random `StableDiffusion3Pipeline`, with `tiny_teacher()` as `text_encoder_3`.
+
+    The two CLIPs are 8 wide each: SD3 pads their concatenation (16) with zeros up to the T5 width (32).
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=JOINT_ATTENTION_DIM, pooled_projection_dim=16, out_channels=4,
+    )
+    clip_config = CLIPTextConfig(
+        bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=8, intermediate_size=37, layer_norm_eps=1e-05,
+        num_attention_heads=2, num_hidden_layers=1, vocab_size=600, hidden_act="gelu", projection_dim=8,
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModelWithProjection(clip_config)
+    torch.manual_seed(seed + 1)
+    text_encoder_2 = CLIPTextModelWithProjection(clip_config)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tiny_clip_tokenizer(),
+        "text_encoder_2": text_encoder_2.eval(),
+        "tokenizer_2": tiny_clip_tokenizer(),
+        "text_encoder_3": tiny_teacher(seed),
+        "tokenizer_3": tiny_t5_tokenizer(),
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+    }
+
+
+def tiny_chroma_components(seed: int = 0) -> dict:
+    """The components of a tiny random `ChromaPipeline`, with `tiny_teacher()` as `text_encoder`."""
+    from diffusers import AutoencoderKL, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(seed)
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=JOINT_ATTENTION_DIM, axes_dims_rope=[4, 4, 8], approximator_hidden_dim=32,
+        approximator_layers=1, approximator_num_channels=16,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
+        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
+    )
+    return {
+        "scheduler": FlowMatchEulerDiscreteScheduler(),
+        "text_encoder": tiny_teacher(seed),
+        "tokenizer": tiny_t5_tokenizer(),
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+    }
+
+
+def tiny_pixart_components(seed: int = 0) -> dict:
+    """The components of a tiny random PixArt pipeline (`PixArtSigmaPipeline` or `PixArtAlphaPipeline`)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=JOINT_ATTENTION_DIM, in_channels=4, cross_attention_dim=24, out_channels=8,
+        attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
+        norm_num_groups=1,
+    )
+    return {
+        "scheduler": DDIMScheduler(),
+        "text_encoder": tiny_teacher(seed),
+        "tokenizer": tiny_t5_tokenizer(),
+        "transformer": transformer.eval(),
+        "vae": vae.eval(),
+    }
