@@ -121,12 +121,12 @@ def patch_encoder(
     else:
         student = load_encoder(encoder, dtype=dtype, revision=revision, **from_pretrained_kwargs)
     student = cast_encoder(student, dtype).eval()
-    tokenizer = getattr(pipe, slot.tokenizer, None)
-    if tokenizer is None:
+    check_compatible(pipe, student, slot)
+    if getattr(pipe, slot.tokenizer, None) is None:
         tokenizer = _load_tokenizer(encoder, revision, from_pretrained_kwargs)
-    check_compatible(pipe, student, slot, tokenizer)
+        check_compatible(pipe, student, slot, tokenizer)
+        pipe.register_modules(**{slot.tokenizer: tokenizer})
 
-    pipe.register_modules(**{slot.tokenizer: tokenizer})
     if not hasattr(pipe, _ORIGINAL_ATTR):
         original = getattr(pipe, slot.encoder, None)
         setattr(pipe, _ORIGINAL_ATTR, original if keep_original or original is None else _RELEASED)

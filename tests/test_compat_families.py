@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from _compat import CallRecorder, generate, sample_image
+from ._compat import CallRecorder, generate, sample_image
 
 from flux_small_encoder import PIPELINE_FAMILIES, patch_encoder
 from flux_small_encoder.patching import find_encoder_slot

@@ -6,7 +6,7 @@ import copy
 
 import numpy as np
 import pytest
-from _compat import CallRecorder, generate, sample_image, sample_mask
+from ._compat import CallRecorder, generate, sample_image, sample_mask
 
 from flux_small_encoder import patch_encoder
 from flux_small_encoder.tiny import (

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from _compat import generate
+from ._compat import generate
 from safetensors.torch import load_file
 
 from flux_small_encoder import patch_encoder
