@@ -229,30 +229,32 @@ def check_compatible(pipe, student: DistilledT5EncoderModel, slot: EncoderSlot |
 
 
 def _swap(pipe, slot: EncoderSlot, new: nn.Module | None, device) -> None:
-    """Put `new` in the encoder slot, carrying over the pipeline's offload state, and free the old encoder."""
+    """Put `new` in the encoder slot, carrying over the pipeline's offload state, and free the old encoder.
+
+    Accelerate's hooks (model or sequential CPU offload) are removed and re-applied to the whole pipeline, as diffusers'
+    LoRA and textual-inversion loaders do; group offloading is applied to `new` with the settings the pipeline uses.
+    """
     from diffusers.hooks.group_offloading import _get_top_level_group_offload_hook
+    from diffusers.loaders.lora_base import _func_optionally_disable_offloading
     from diffusers.training_utils import free_memory
     from diffusers.utils.torch_utils import get_module_execution_device
 
     old = getattr(pipe, slot.encoder, None)
     modules = [module for module in pipe.components.values() if isinstance(module, nn.Module)]
-    model_offload = bool(getattr(pipe, "_all_hooks", None))
     group_hooks = [hook for hook in map(_get_top_level_group_offload_hook, modules) if hook is not None]
     if device is None:
         device = get_module_execution_device(old if old is not None else getattr(pipe, slot.width_module))
-    if model_offload and old is not None:
-        from accelerate.hooks import remove_hook_from_module
-
-        remove_hook_from_module(old, recurse=True)
+    model_offload, sequential_offload, _ = _func_optionally_disable_offloading(pipe)
 
     pipe.register_modules(**{slot.encoder: new})
-    if new is not None:
-        if model_offload:
-            pipe.enable_model_cpu_offload(device=pipe._offload_device)
-        elif group_hooks:
-            _apply_group_offload_like(new, group_hooks[0].config)
-        else:
-            new.to(device)
+    if model_offload:
+        pipe.enable_model_cpu_offload(device=pipe._offload_device)
+    elif sequential_offload:
+        pipe.enable_sequential_cpu_offload(device=pipe._offload_device)
+    elif new is not None and group_hooks:
+        _apply_group_offload_like(new, group_hooks[0].config)
+    elif new is not None:
+        new.to(device)
     del old
     free_memory()
 
