@@ -3,8 +3,8 @@
 Both encoders have random weights (the shapes are what cost time and memory). Unless `--full` is given, the teacher is
 timed with 1 and 3 layers and extrapolated to its 24 (the relative-attention bias is computed in the first layer only,
 so layers 2-3 stand for layers 2-24); the output says so. Each timing is the fastest of `--repeats` calls after a
-warm-up: on a shared machine the fastest call is the one least disturbed. Also measures the overhead of `DistilledT5EncoderModel` over a
-bare `T5EncoderModel` followed by the same projector (goal: under 3%).
+warm-up: on a shared machine the fastest call is the one least disturbed. Also measures the overhead of
+`DistilledT5EncoderModel` over a bare `T5EncoderModel` followed by the same projector (goal: under 3%).
 
     python benchmarks/encoder.py                 # CPU, float32, about two minutes on 2 cores
     python benchmarks/encoder.py --device cuda --dtype bfloat16 --full
@@ -46,22 +46,25 @@ def count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+def xxl_seconds(ids, layers: int, args) -> float:
+    """Forward seconds of a T5-XXL-shaped encoder with `layers` layers (built, timed, then freed)."""
+    config = T5Config(**COMMON, **{**XXL, "num_layers": layers})
+    model = T5EncoderModel(config).to(args.device, args.dtype).eval()
+    return timed(lambda: model(ids), args.repeats, args.device)
+
+
 def teacher_seconds(ids, args) -> tuple[float, str]:
     """Seconds for a 24-layer T5-XXL encoder forward, measured or extrapolated from 1 and 3 layers."""
     if args.full:
-        model = T5EncoderModel(T5Config(**COMMON, **XXL)).to(args.device, args.dtype).eval()
-        return timed(lambda: model(ids), args.repeats, args.device), "measured"
-    seconds = {}
-    for layers in (1, 3):
-        model = T5EncoderModel(T5Config(**COMMON, **{**XXL, "num_layers": layers})).to(args.device, args.dtype).eval()
-        seconds[layers] = timed(lambda: model(ids), args.repeats, args.device)
-        del model
-    per_layer = (seconds[3] - seconds[1]) / 2
-    return seconds[1] + (XXL["num_layers"] - 1) * per_layer, f"extrapolated: 1 layer {seconds[1]:.3f} s, +{per_layer:.3f} s/layer"
+        return xxl_seconds(ids, XXL["num_layers"], args), "measured"
+    one, three = xxl_seconds(ids, 1, args), xxl_seconds(ids, 3, args)
+    per_layer = (three - one) / 2
+    total = one + (XXL["num_layers"] - 1) * per_layer
+    return total, f"extrapolated: 1 layer {one:.3f} s, +{per_layer:.3f} s/layer"
 
 
 def overhead(student: DistilledT5EncoderModel, ids, args) -> tuple[float, float]:
-    """Median seconds of the patched model and of a bare T5EncoderModel + projector on the same weights, interleaved."""
+    """Median seconds of the patched model and of a bare T5EncoderModel + projector, same weights, interleaved."""
     bare_t5, projector = student.encoder, student.final_projection
     patched, bare = [], []
     for _ in range(args.overhead_repeats):
@@ -90,7 +93,9 @@ def main() -> None:
     student_params = encoder_params + projector_params
 
     print(f"device {args.device}, {args.dtype}, {torch.get_num_threads()} threads, random weights, batch 1")
-    print(f"teacher T5-XXL encoder: {teacher_params / 1e9:.3f} B parameters, {teacher_params * 2 / 1e9:.2f} GB in bf16")
+    print(
+        f"teacher T5-XXL encoder: {teacher_params / 1e9:.3f} B parameters, {teacher_params * 2 / 1e9:.2f} GB in bf16"
+    )
     print(
         f"student T5-Base + projector: {encoder_params / 1e9:.3f} B + {projector_params / 1e9:.3f} B = "
         f"{student_params / 1e9:.3f} B parameters, {student_params * 2 / 1e9:.2f} GB in bf16"
@@ -101,7 +106,7 @@ def main() -> None:
         for length in args.lengths:
             ids = torch.randint(0, COMMON["vocab_size"], (1, length), device=args.device)
             teacher, how = teacher_seconds(ids, args)
-            small = timed(lambda: student(ids), args.repeats, args.device)
+            small = timed(lambda ids=ids: student(ids), args.repeats, args.device)
             print(f"{length:>6} | {teacher:>9.3f} | {small:>9.3f} | {teacher / small:>7.1f}x | {how}")
 
         ids = torch.randint(0, COMMON["vocab_size"], (1, 77), device=args.device)

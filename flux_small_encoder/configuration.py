@@ -10,8 +10,8 @@ class DistilledT5Config(T5Config):
     Configuration of [`DistilledT5EncoderModel`]: every field of [`~transformers.T5Config`] describes the small T5
     encoder, and three fields describe the MLP projector that maps its `d_model`-wide output to the teacher's width.
 
-    The public DistillT5 checkpoint writes `model_type: "t5"` with `project_in_dim` / `project_out_dim`; this class reads
-    that file unchanged.
+    The public DistillT5 checkpoint writes `model_type: "t5"` with `project_in_dim` / `project_out_dim`; this class
+    reads that file unchanged.
 
     Args:
         project_in_dim (`int`, *optional*):

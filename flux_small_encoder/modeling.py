@@ -127,7 +127,7 @@ class DistilledT5EncoderModel(PreTrainedModel):
         *,
         projector_dropout: float = 0.1,
         **from_pretrained_kwargs,
-    ) -> "DistilledT5EncoderModel":
+    ) -> DistilledT5EncoderModel:
         r"""
         Build a fresh student from a T5 encoder (a checkpoint such as `google/t5-v1_1-base`, a local folder, or a
         loaded `T5EncoderModel`) and a newly initialised projector of width `project_out_dim`.

@@ -95,7 +95,8 @@ def patch_encoder(
         dtype (`torch.dtype`, *optional*):
             The student's dtype; defaults to the transformer's (FluxPriorRedux: the image embedder's).
         device (`torch.device` or `str`, *optional*):
-            The student's device when no offload is enabled; defaults to the replaced encoder's, else the transformer's.
+            The student's device when no offload is enabled; defaults to the replaced encoder's, else the
+            transformer's.
         keep_original (`bool`, *optional*, defaults to `False`):
             Keep a reference to the replaced encoder so that `unpatch_encoder` can put it back. By default it is
             dropped and its memory returned.
@@ -146,8 +147,8 @@ def unpatch_encoder(pipe):
     original = getattr(pipe, _ORIGINAL_ATTR)
     if original is _RELEASED:
         raise ValueError(
-            f"The original {slot.encoder} was released when the pipeline was patched, to return its memory. Patch with "
-            "`keep_original=True` to be able to unpatch, or load the pipeline again."
+            f"The original {slot.encoder} was released when the pipeline was patched, to return its memory. Patch "
+            "with `keep_original=True` to be able to unpatch, or load the pipeline again."
         )
     _swap(pipe, slot, original, device=None)
     delattr(pipe, _ORIGINAL_ATTR)
@@ -231,8 +232,8 @@ def check_compatible(pipe, student: DistilledT5EncoderModel, slot: EncoderSlot |
 def _swap(pipe, slot: EncoderSlot, new: nn.Module | None, device) -> None:
     """Put `new` in the encoder slot, carrying over the pipeline's offload state, and free the old encoder.
 
-    Accelerate's hooks (model or sequential CPU offload) are removed and re-applied to the whole pipeline, as diffusers'
-    LoRA and textual-inversion loaders do; group offloading is applied to `new` with the settings the pipeline uses.
+    Accelerate's hooks (model or sequential CPU offload) are removed and re-applied to the whole pipeline, as
+    diffusers' LoRA and textual-inversion loaders do; group offloading is applied to `new` as the pipeline has it.
     """
     from diffusers.hooks.group_offloading import _get_top_level_group_offload_hook
     from diffusers.loaders.lora_base import _func_optionally_disable_offloading
@@ -278,7 +279,7 @@ def _apply_group_offload_like(module: nn.Module, config) -> None:
 
 
 def _load_tokenizer(encoder, revision: str | None, hub_kwargs: dict):
-    """The student's tokenizer, for a pipeline loaded without one: the registry's source, else the encoder's own files."""
+    """The student's tokenizer for a pipeline loaded without one: the registry's source, else the encoder's files."""
     from transformers import AutoTokenizer
 
     if isinstance(encoder, DistilledT5EncoderModel):

@@ -67,7 +67,8 @@ def get_pretrained_spec(name: str) -> PretrainedSpec:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"No registered encoder named {name!r}. Registered names: {', '.join(list_pretrained())}.") from None
+        names = ", ".join(list_pretrained())
+        raise KeyError(f"No registered encoder named {name!r}. Registered names: {names}.") from None
 
 
 @dataclass(frozen=True)
@@ -111,10 +112,10 @@ def resolve_encoder(encoder: str | os.PathLike, revision: str | None = None) -> 
 def load_encoder(
     encoder: str | os.PathLike,
     *,
-    dtype: "torch.dtype | None" = None,
+    dtype: torch.dtype | None = None,
     revision: str | None = None,
     **from_pretrained_kwargs,
-) -> "DistilledT5EncoderModel":
+) -> DistilledT5EncoderModel:
     """Load a distilled encoder by registry name, local folder or Hub repo id, refusing incomplete weights.
 
     Args:
@@ -139,7 +140,8 @@ def load_encoder(
     except OSError as error:
         where = f"{resolved.path!r}" + (f" at revision {resolved.revision!r}" if resolved.revision else "")
         raise OSError(f"Cannot load the encoder {where}: {error}") from error
-    problems = {kind: sorted(report[kind]) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys") if report[kind]}
+    kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+    problems = {kind: sorted(report[kind]) for kind in kinds if report[kind]}
     if problems:
         raise ValueError(
             f"The checkpoint at {resolved.path!r} does not match DistilledT5EncoderModel: {problems}. It is not a "

@@ -68,9 +68,21 @@ def tiny_student(seed: int = 1, project_out_dim: int = JOINT_ATTENTION_DIM) -> D
     return DistilledT5EncoderModel(config).eval()
 
 
+def tiny_vae(seed: int = 0, latent_channels: int = 1, flux_style: bool = True):
+    """A tiny random `AutoencoderKL` for 32x32 images; `flux_style`: FLUX/SD3's shift and scale, no quant convs."""
+    from diffusers import AutoencoderKL
+
+    flux_options = dict(use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035)
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, **(flux_options if flux_style else {}),
+    )
+
+
 def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> dict:
     """The components of a tiny random `FluxPipeline`, with `tiny_teacher()` as `text_encoder_2`."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
     transformer = tiny_flux_transformer(seed, guidance_embeds=guidance_embeds)
@@ -82,12 +94,7 @@ def tiny_flux_components(seed: int = 0, guidance_embeds: bool = True) -> dict:
             hidden_act="gelu", projection_dim=32,
         )
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
-        latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.0609, scaling_factor=1.5035,
-    )
+    vae = tiny_vae(seed, latent_channels=1)
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(),
         "text_encoder": text_encoder.eval(),
@@ -159,7 +166,7 @@ def tiny_sd3_components(seed: int = 0) -> dict:
 
     The two CLIPs are 8 wide each: SD3 pads their concatenation (16) with zeros up to the T5 width (32).
     """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -175,11 +182,7 @@ def tiny_sd3_components(seed: int = 0) -> dict:
     text_encoder = CLIPTextModelWithProjection(clip_config)
     torch.manual_seed(seed + 1)
     text_encoder_2 = CLIPTextModelWithProjection(clip_config)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
-        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-    )
+    vae = tiny_vae(seed, latent_channels=4)
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(),
         "text_encoder": text_encoder.eval(),
@@ -195,7 +198,7 @@ def tiny_sd3_components(seed: int = 0) -> dict:
 
 def tiny_chroma_components(seed: int = 0) -> dict:
     """The components of a tiny random `ChromaPipeline`, with `tiny_teacher()` as `text_encoder`."""
-    from diffusers import AutoencoderKL, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     torch.manual_seed(seed)
     transformer = ChromaTransformer2DModel(
@@ -203,11 +206,7 @@ def tiny_chroma_components(seed: int = 0) -> dict:
         joint_attention_dim=JOINT_ATTENTION_DIM, axes_dims_rope=[4, 4, 8], approximator_hidden_dim=32,
         approximator_layers=1, approximator_num_channels=16,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=1,
-        norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609, scaling_factor=1.5035,
-    )
+    vae = tiny_vae(seed, latent_channels=1)
     return {
         "scheduler": FlowMatchEulerDiscreteScheduler(),
         "text_encoder": tiny_teacher(seed),
@@ -219,7 +218,7 @@ def tiny_chroma_components(seed: int = 0) -> dict:
 
 def tiny_pixart_components(seed: int = 0) -> dict:
     """The components of a tiny random PixArt pipeline (`PixArtSigmaPipeline` or `PixArtAlphaPipeline`)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, PixArtTransformer2DModel
+    from diffusers import DDIMScheduler, PixArtTransformer2DModel
 
     torch.manual_seed(seed)
     transformer = PixArtTransformer2DModel(
@@ -228,11 +227,7 @@ def tiny_pixart_components(seed: int = 0) -> dict:
         attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
         norm_elementwise_affine=False, norm_eps=1e-6,
     )
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1, latent_channels=4,
-        norm_num_groups=1,
-    )
+    vae = tiny_vae(seed, latent_channels=4, flux_style=False)
     return {
         "scheduler": DDIMScheduler(),
         "text_encoder": tiny_teacher(seed),

@@ -8,7 +8,6 @@ import copy
 import numpy as np
 import pytest
 import torch
-from ._compat import CallRecorder, generate, sample_image
 
 from flux_small_encoder import PIPELINE_FAMILIES, patch_encoder
 from flux_small_encoder.patching import find_encoder_slot
@@ -19,6 +18,8 @@ from flux_small_encoder.tiny import (
     tiny_sd3_components,
     tiny_student,
 )
+
+from ._compat import CallRecorder, generate, sample_image
 
 compat = pytest.mark.compat
 

@@ -6,7 +6,6 @@ import copy
 
 import numpy as np
 import pytest
-from ._compat import CallRecorder, generate, sample_image, sample_mask
 
 from flux_small_encoder import patch_encoder
 from flux_small_encoder.tiny import (
@@ -17,6 +16,8 @@ from flux_small_encoder.tiny import (
     tiny_redux_components,
     tiny_student,
 )
+
+from ._compat import CallRecorder, generate, sample_image, sample_mask
 
 compat = pytest.mark.compat
 

@@ -9,7 +9,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from ._compat import generate
 from safetensors.torch import load_file
 
 from flux_small_encoder import patch_encoder
@@ -22,6 +21,8 @@ from flux_small_encoder.lora import (
     unload_encoder_lora,
 )
 from flux_small_encoder.tiny import tiny_flux_components, tiny_student
+
+from ._compat import generate
 
 compat = pytest.mark.compat
 STUDENT_TARGETS = ["q", "k", "v", "o", "wi_0", "wi_1", "wo"]

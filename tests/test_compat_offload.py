@@ -9,10 +9,11 @@ import time
 import numpy as np
 import pytest
 import torch
-from ._compat import generate
 
 from flux_small_encoder import patch_encoder
 from flux_small_encoder.tiny import tiny_flux_components, tiny_student
+
+from ._compat import generate
 
 compat = pytest.mark.compat
 

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
-from .conftest import FAKE_COMMIT, seed_hub_cache
 from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
@@ -14,6 +13,8 @@ from huggingface_hub.utils import filter_repo_objects
 from flux_small_encoder import hub
 from flux_small_encoder.cli import main
 from flux_small_encoder.tiny import tiny_t5_tokenizer
+
+from .conftest import FAKE_COMMIT, seed_hub_cache
 
 TOKEN = "hf_TESTsecretTOKEN0123456789"
 
