@@ -357,17 +357,24 @@ def _hub_id(name: str | None) -> str | None:
     return name
 
 
-def _public_summary(config: dict) -> dict:
-    """The training config without local paths or anything that looks like a credential."""
-    summary = {}
-    for key, value in config.items():
-        words = str(key).lower().replace("-", "_").split("_")
-        if key in _PRIVATE_KEYS or any(word in _CREDENTIAL_WORDS for word in words):
-            continue
-        if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
-            continue
-        summary[key] = _public_summary(value) if isinstance(value, dict) else value
-    return summary
+def _public_summary(value):
+    """The training config without local folders or anything that looks like a credential.
+
+    Keys naming local folders or credentials are dropped; any other absolute path, wherever it sits (a prompt file in
+    a list of sources, say), keeps only its file name, which says what was used without telling where it lives.
+    """
+    if isinstance(value, dict):
+        return {key: _public_summary(item) for key, item in value.items() if not _private_key(key)}
+    if isinstance(value, list):
+        return [_public_summary(item) for item in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        return os.path.basename(value.rstrip("/\\"))
+    return value
+
+
+def _private_key(key) -> bool:
+    words = str(key).lower().replace("-", "_").split("_")
+    return key in _PRIVATE_KEYS or any(word in _CREDENTIAL_WORDS for word in words)
 
 
 def _not_cached_message(repo_id: str, revision: str | None, partial: str | None = None) -> str:

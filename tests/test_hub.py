@@ -58,6 +58,7 @@ def trainer_run(student, tmp_path) -> Path:
         "output_dir": str(tmp_path / "runs" / "s1"),
         "hub_token": TOKEN,
         "data": {"prompts": "compbench", "cache_dir": "/home/someone/cache"},
+        "train_data": [{"path": "/home/someone/prompts/color_train.txt", "repeat": 1.0}],  # the trainer's shape
     }
     run = tmp_path / "runs" / "s1"
     (run / "final").mkdir(parents=True)
@@ -99,6 +100,7 @@ def test_push_folder_uploads_one_commit_with_card(trainer_run, hub_calls, capsys
     assert "2 layers, d_model 16" in card.text and "16 -> 32 -> 32" in card.text
     assert "max_steps: 50000" in card.text and "num_inference_steps: 20" in card.text
     assert "output_dir" not in card.text and "/home/someone" not in card.text and "hub_token" not in card.text
+    assert "path: color_train.txt" in card.text  # which file, not where it lives
     assert "compbench" in card.text
 
     out = capsys.readouterr()
