@@ -130,6 +130,7 @@ def test_teacher_cache_matches_the_teacher_and_replaces_it(tmp_path):
 def test_lora_run_saves_peft_adapters_and_a_merged_student(tmp_path, make_pipe):
     from peft import PeftModel
 
+    from flux_small_encoder import load_encoder_lora
     from flux_small_encoder.training.models import build_student
 
     overrides = [*QUICK, "max_steps=4", "num_inference_steps=2", "student_init=t5", "lora_rank=4",
@@ -147,6 +148,12 @@ def test_lora_run_saves_peft_adapters_and_a_merged_student(tmp_path, make_pipe):
     for key, value in weights(final).items():
         torch.testing.assert_close(value, merged.state_dict()[key], msg=key)
     patch_encoder(make_pipe(), final)
+    # The adapter also loads, in one call, onto a pipeline patched with the base student.
+    pipe = patch_encoder(make_pipe(), build_student(load_config("tiny", overrides), 32))
+    load_encoder_lora(pipe, adapter)
+    ids = torch.randint(0, 320, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.text_encoder_2(ids)[0], merged.eval()(ids)[0])
 
 
 def test_naive_objective_is_embedding_mse(tmp_path):
