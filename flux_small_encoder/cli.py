@@ -73,6 +73,7 @@ def add_generate_parser(subparsers) -> None:
     parser.add_argument("--model", default="black-forest-labs/FLUX.1-dev", help="pipeline repo id or folder")
     parser.add_argument("--encoder", default="t5-base-distilled", help="registry name, folder or repo id")
     parser.add_argument("--out", default="image.png", help="where to write the PNG")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--guidance", type=float, default=3.5)
     parser.add_argument("--height", type=int, default=1024)
@@ -91,6 +92,7 @@ def run_generate(args) -> None:
     from .patching import patch_encoder
     from .registry import resolve_encoder
 
+    _refuse_existing_output(args)
     try:
         resolved = resolve_encoder(args.encoder)
     except ValueError as error:
@@ -115,6 +117,12 @@ def run_generate(args) -> None:
     ).images[0]
     image.save(args.out)
     print(f"wrote {args.out}")
+
+
+def _refuse_existing_output(args) -> None:
+    """Never replace a user's file unasked: checked before any model is loaded."""
+    if os.path.exists(args.out) and not args.overwrite:
+        raise CLIError(f"{args.out} already exists: choose another --out, or pass --overwrite to replace it.")
 
 
 class _missing_files_are_errors:
@@ -146,6 +154,7 @@ def add_demo_parser(subparsers) -> None:
         epilog="example: flux-small-encoder demo --out demo.png",
     )
     parser.add_argument("--out", default="demo.png", help="where to write the PNG")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--prompt", default="a cat holding a sign that says hello")
     parser.set_defaults(func=run_demo)
 
@@ -156,6 +165,7 @@ def run_demo(args) -> None:
     from .patching import patch_encoder
     from .tiny import tiny_flux_pipeline, tiny_student
 
+    _refuse_existing_output(args)
     start = time.perf_counter()
     pipe = tiny_flux_pipeline()
     teacher_params = sum(p.numel() for p in pipe.text_encoder_2.parameters())

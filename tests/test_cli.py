@@ -47,3 +47,20 @@ def test_generate_offline_names_the_missing_repo(missing, make_pipe, seeded_hub,
 def test_generate_unknown_encoder_lists_names(capsys):
     assert main(["generate", "a cat", "--encoder", "t5-tiny"]) == 1
     assert "Registered names: t5-base-distilled" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["demo", "generate"])
+def test_existing_image_is_not_overwritten_unasked(command, tmp_path, capsys):
+    out = tmp_path / "mine.png"
+    out.write_bytes(b"the user's own file")
+    argv = [command, "--out", str(out)] if command == "demo" else [command, "a cat", "--out", str(out)]
+    assert main(argv) == 1
+    assert out.read_bytes() == b"the user's own file"
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_demo_overwrites_when_asked(tmp_path):
+    out = tmp_path / "demo.png"
+    out.write_bytes(b"old")
+    assert main(["demo", "--out", str(out), "--overwrite"]) == 0
+    assert Image.open(out).size == (32, 32)
