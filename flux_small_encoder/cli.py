@@ -7,6 +7,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 EPILOG = """examples:
   flux-small-encoder list
@@ -99,9 +100,9 @@ def run_generate(args) -> None:
         raise CLIError(error) from None
     dtype = getattr(torch, args.dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    with _missing_files_are_errors(args.model):
+    with _missing_files_are_errors(args.model, "pipeline"):
         pipe = FluxPipeline.from_pretrained(args.model, text_encoder_2=None, dtype=dtype)
-    with _missing_files_are_errors(resolved.path):
+    with _missing_files_are_errors(resolved.path, "encoder"):
         patch_encoder(pipe, args.encoder, dtype=dtype)
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
@@ -125,23 +126,17 @@ def _refuse_existing_output(args) -> None:
         raise CLIError(f"{args.out} already exists: choose another --out, or pass --overwrite to replace it.")
 
 
-class _missing_files_are_errors:
+@contextmanager
+def _missing_files_are_errors(repo: str, what: str):
     """Turn "not found / not cached / offline" into a `CLIError` that names the repo and how to fetch it."""
+    try:
+        yield
+    except OSError:
+        if os.path.isdir(repo):
+            raise
+        from .hub import not_cached_message
 
-    def __init__(self, repo: str):
-        self.repo = repo
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if error is None or not isinstance(error, OSError) or os.path.isdir(self.repo):
-            return False
-        raise CLIError(
-            f"cannot load {self.repo!r}: its files are not in the local Hugging Face cache and the Hub could not be "
-            f"reached ({type(error).__name__}). Fetch it on a connected machine with `hf download {self.repo}` "
-            "(log in with `hf auth login` first for gated repos), or pass a local folder."
-        ) from None
+        raise CLIError(not_cached_message(repo, what=what)) from None
 
 
 # --- demo ----------------------------------------------------------------------------------------------------------
@@ -243,7 +238,7 @@ def add_download_parser(subparsers) -> None:
 def run_download(args) -> None:
     from .hub import download
 
-    with _hub_errors_are_cli_errors():
+    with _user_errors(ValueError, FileNotFoundError):
         print(download(
             args.encoder, revision=args.revision, cache_dir=args.cache_dir, local_files_only=args.local_files_only,
             token=args.token,
@@ -268,7 +263,7 @@ def add_convert_parser(subparsers) -> None:
 def run_convert(args) -> None:
     from .convert import convert, describe
 
-    with _hub_errors_are_cli_errors():
+    with _user_errors(ValueError, FileNotFoundError):
         written = convert(args.src, args.dst, config=args.config, overwrite=args.overwrite)
         print(f"wrote {written}\n{describe(written).summary()}")
 
@@ -286,20 +281,17 @@ def add_info_parser(subparsers) -> None:
 def run_info(args) -> None:
     from .convert import describe
 
-    with _hub_errors_are_cli_errors():
+    with _user_errors(ValueError, FileNotFoundError):
         print(describe(args.encoder).summary())
 
 
-class _hub_errors_are_cli_errors:
-    """Bad input and files missing from the cache (the message names the repo and `hf download`) become `CLIError`s."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, error, traceback):
-        if isinstance(error, (ValueError, FileNotFoundError)):
-            raise CLIError(error) from None
-        return False
+@contextmanager
+def _user_errors(*kinds: type[Exception]):
+    """Errors of `kinds` are the user's to fix (their messages say how): printed as one line, not a traceback."""
+    try:
+        yield
+    except kinds as error:
+        raise CLIError(error) from None
 
 
 # --- train / cache-teacher -----------------------------------------------------------------------------------------

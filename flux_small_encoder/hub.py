@@ -179,10 +179,10 @@ def download(
             allow_patterns=MODEL_FILES, library_name=LIBRARY_NAME,
         )
     except LocalEntryNotFoundError:
-        raise LocalEntryNotFoundError(_not_cached_message(repo_id, revision)) from None
+        raise LocalEntryNotFoundError(not_cached_message(repo_id, revision)) from None
     names = set(os.listdir(folder))
     if "config.json" not in names or not any(name.endswith(".safetensors") for name in names):
-        raise LocalEntryNotFoundError(_not_cached_message(repo_id, revision, partial=folder))
+        raise LocalEntryNotFoundError(not_cached_message(repo_id, revision, partial=folder))
     return folder
 
 
@@ -377,11 +377,14 @@ def _private_key(key) -> bool:
     return key in _PRIVATE_KEYS or any(word in _CREDENTIAL_WORDS for word in words)
 
 
-def _not_cached_message(repo_id: str, revision: str | None, partial: str | None = None) -> str:
+def not_cached_message(
+    repo_id: str, revision: str | None = None, partial: str | None = None, what: str = "encoder"
+) -> str:
+    """Why `repo_id` cannot be loaded offline, and the command that fetches it."""
     command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
     state = f"is only partly cached at {partial}" if partial else "is not in the local Hugging Face cache"
     return (
-        f"The encoder {repo_id!r} {state}, and the Hub could not be reached (offline mode HF_HUB_OFFLINE=1, "
+        f"The {what} {repo_id!r} {state}, and the Hub could not be reached (offline mode HF_HUB_OFFLINE=1, "
         f"local_files_only=True, or no connection). Fetch it on a connected machine with `{command}` (log in with "
         "`hf auth login` first for private or gated repos), or pass a local folder."
     )
