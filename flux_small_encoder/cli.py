@@ -92,6 +92,7 @@ def run_generate(args) -> None:
 
     from .patching import patch_encoder
     from .registry import resolve_encoder
+    from .torch_utils import default_device
 
     _refuse_existing_output(args)
     try:
@@ -99,7 +100,7 @@ def run_generate(args) -> None:
     except ValueError as error:
         raise CLIError(error) from None
     dtype = getattr(torch, args.dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     with _missing_files_are_errors(args.model, "pipeline"):
         pipe = FluxPipeline.from_pretrained(args.model, text_encoder_2=None, dtype=dtype)
     with _missing_files_are_errors(resolved.path, "encoder"):
@@ -400,6 +401,7 @@ def add_cache_teacher_parser(subparsers) -> None:
 def run_cache_teacher(args) -> None:
     import torch
 
+    from .torch_utils import default_device, precision_dtype
     from .training.cache import write_teacher_cache
     from .training.data import PromptFileError, load_sources
     from .training.models import load_t5_tokenizer, load_teacher, teacher_name, tokenize_t5
@@ -412,8 +414,8 @@ def run_cache_teacher(args) -> None:
         prompts = load_sources(config.train_data + config.eval_data, seed=config.seed)
     except PromptFileError as error:
         raise CLIError(error) from None
-    model_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model_dtype = precision_dtype(config.mixed_precision)
+    device = args.device or default_device()
     teacher = load_teacher(config, model_dtype).to(device)
     tokenizer = load_t5_tokenizer(config)
     try:

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 
-from .registry import resolve_encoder
+from .registry import is_repo_id, resolve_encoder
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -348,13 +348,7 @@ def _first(config: dict, keys: tuple[str, ...]) -> str | None:
 
 def _hub_id(name: str | None) -> str | None:
     """`name` if it is a Hub repo id, not a local path (the Hub rejects a `base_model` it cannot resolve)."""
-    if not name or os.path.exists(name) or name.count("/") != 1:
-        return None
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return None
-    return name
+    return name if name and not os.path.exists(name) and is_repo_id(name) else None
 
 
 def _public_summary(value):

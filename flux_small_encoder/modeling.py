@@ -10,7 +10,7 @@ import functools
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, T5Config, T5EncoderModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel, T5Config, T5EncoderModel
 from transformers.modeling_outputs import BaseModelOutput
 
 from .configuration import DistilledT5Config
@@ -167,3 +167,9 @@ def _t5_config(config: DistilledT5Config) -> T5Config:
     for key in ("model_type", "architectures", "project_in_dim", "project_out_dim", "projector_dropout"):
         fields.pop(key, None)
     return T5Config(**fields)
+
+
+# `AutoConfig` / `AutoModel.from_pretrained` recognise folders saved with `model_type: "distilled_t5"` once this
+# module is loaded (any use of the package's model or patching functions loads it).
+AutoConfig.register(DistilledT5Config.model_type, DistilledT5Config, exist_ok=True)
+AutoModel.register(DistilledT5Config, DistilledT5EncoderModel, exist_ok=True)

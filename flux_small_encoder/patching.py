@@ -14,14 +14,13 @@ import torch
 from torch import nn
 
 from .modeling import DistilledT5EncoderModel
-from .registry import load_encoder, resolve_encoder
+from .private_api import group_offload_config, offload_device, remove_offload_hooks
+from .registry import hub_kwargs, load_encoder, resolve_encoder
 
 # The pipeline's attribute that keeps the encoder replaced by `patch_encoder`, for `unpatch_encoder`.
 _ORIGINAL_ATTR = "_flux_small_encoder_original"
 # Stands for an original encoder that was dropped on patching to return its memory.
 _RELEASED = object()
-# Keyword arguments of `from_pretrained` that apply to the encoder's download as well as the pipeline's.
-_SHARED_HUB_KWARGS = ("token", "cache_dir", "local_files_only", "proxies")
 
 
 @dataclass(frozen=True)
@@ -192,9 +191,8 @@ def load_pipeline(
     if not isinstance(encoder, DistilledT5EncoderModel):
         resolve_encoder(encoder)  # fail on a bad name before reading the pipeline's weights
     pipe = pipeline_cls.from_pretrained(model, **{slot.encoder: None}, **from_pretrained_kwargs)
-    encoder_kwargs = {key: from_pretrained_kwargs[key] for key in _SHARED_HUB_KWARGS if key in from_pretrained_kwargs}
     dtype = from_pretrained_kwargs.get("dtype") or from_pretrained_kwargs.get("torch_dtype")
-    return patch_encoder(pipe, encoder, dtype=dtype, revision=encoder_revision, **encoder_kwargs)
+    return patch_encoder(pipe, encoder, dtype=dtype, revision=encoder_revision, **hub_kwargs(from_pretrained_kwargs))
 
 
 def cast_encoder(encoder: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -235,25 +233,23 @@ def _swap(pipe, slot: EncoderSlot, new: nn.Module | None, device) -> None:
     Accelerate's hooks (model or sequential CPU offload) are removed and re-applied to the whole pipeline, as
     diffusers' LoRA and textual-inversion loaders do; group offloading is applied to `new` as the pipeline has it.
     """
-    from diffusers.hooks.group_offloading import _get_top_level_group_offload_hook
-    from diffusers.loaders.lora_base import _func_optionally_disable_offloading
     from diffusers.training_utils import free_memory
     from diffusers.utils.torch_utils import get_module_execution_device
 
     old = getattr(pipe, slot.encoder, None)
     modules = [module for module in pipe.components.values() if isinstance(module, nn.Module)]
-    group_hooks = [hook for hook in map(_get_top_level_group_offload_hook, modules) if hook is not None]
+    group_configs = [config for config in map(group_offload_config, modules) if config is not None]
     if device is None:
         device = get_module_execution_device(old if old is not None else getattr(pipe, slot.width_module))
-    model_offload, sequential_offload, _ = _func_optionally_disable_offloading(pipe)
+    model_offload, sequential_offload = remove_offload_hooks(pipe)
 
     pipe.register_modules(**{slot.encoder: new})
     if model_offload:
-        pipe.enable_model_cpu_offload(device=pipe._offload_device)
+        pipe.enable_model_cpu_offload(device=offload_device(pipe))
     elif sequential_offload:
-        pipe.enable_sequential_cpu_offload(device=pipe._offload_device)
-    elif new is not None and group_hooks:
-        _apply_group_offload_like(new, group_hooks[0].config)
+        pipe.enable_sequential_cpu_offload(device=offload_device(pipe))
+    elif new is not None and group_configs:
+        _apply_group_offload_like(new, group_configs[0])
     elif new is not None:
         new.to(device)
     del old
@@ -278,7 +274,7 @@ def _apply_group_offload_like(module: nn.Module, config) -> None:
     )
 
 
-def _load_tokenizer(encoder, revision: str | None, hub_kwargs: dict):
+def _load_tokenizer(encoder, revision: str | None, from_pretrained_kwargs: dict):
     """The student's tokenizer for a pipeline loaded without one: the registry's source, else the encoder's files."""
     from transformers import AutoTokenizer
 
@@ -289,9 +285,8 @@ def _load_tokenizer(encoder, revision: str | None, hub_kwargs: dict):
         )
     resolved = resolve_encoder(encoder, revision)
     source = resolved.spec.tokenizer if resolved.spec is not None else resolved.path
-    kwargs = {key: hub_kwargs[key] for key in _SHARED_HUB_KWARGS if key in hub_kwargs}
     try:
-        return AutoTokenizer.from_pretrained(source, **kwargs)
+        return AutoTokenizer.from_pretrained(source, **hub_kwargs(from_pretrained_kwargs))
     except (OSError, ValueError) as error:
         raise ValueError(
             f"The pipeline has no T5 tokenizer and none could be loaded from {source!r} ({error}). Load the pipeline "

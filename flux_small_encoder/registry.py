@@ -25,7 +25,7 @@ class PretrainedSpec:
         revision: Branch, tag or commit to load; `None` means the repository's default branch.
         tokenizer: Where the matching tokenizer lives (the checkpoint ships none): the teacher's T5 v1.1 tokenizer.
         teacher: The encoder it replaces.
-        base_model: The T5 checkpoint the student started from.
+        base_model: The T5 checkpoint the student started from, `None` where the record does not know it.
         out_dim: Width of its embeddings (the teacher's width).
         license: The license stated by the checkpoint's authors, `None` where the record does not know it.
         description: One line for `flux-small-encoder list`.
@@ -36,7 +36,7 @@ class PretrainedSpec:
     revision: str | None = None
     tokenizer: str = "google/t5-v1_1-xxl"
     teacher: str = "google/t5-v1_1-xxl"
-    base_model: str = "google/t5-v1_1-base"
+    base_model: str | None = None
     out_dim: int = 4096
     license: str | None = None
     description: str = ""
@@ -48,6 +48,7 @@ _REGISTRY: dict[str, PretrainedSpec] = {
         PretrainedSpec(
             name="t5-base-distilled",
             repo_id="LifuWang/DistillT5",
+            base_model="google/flan-t5-base",  # the reference trainer's default `--pretrained_model`
             description=(
                 "T5-Base student (0.11 B encoder + 0.02 B projector) distilled from FLUX.1-dev's T5-XXL by "
                 "vision-based distillation (arXiv 2503.19897); see the Hub repo's card for its license."
@@ -69,6 +70,27 @@ def get_pretrained_spec(name: str) -> PretrainedSpec:
     except KeyError:
         names = ", ".join(list_pretrained())
         raise KeyError(f"No registered encoder named {name!r}. Registered names: {names}.") from None
+
+
+# Keyword arguments of `from_pretrained` that say where and how to fetch files, whatever is fetched: they apply to the
+# encoder (and its tokenizer) as well as to the pipeline they were given for.
+HUB_KWARGS = ("token", "cache_dir", "local_files_only", "proxies")
+
+
+def hub_kwargs(kwargs: dict) -> dict:
+    """The entries of `kwargs` that are about fetching files (`HUB_KWARGS`)."""
+    return {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
+
+
+def is_repo_id(name: str | None) -> bool:
+    """Whether `name` is a valid Hub repo id of the form `owner/name` (a bare name or a path is not)."""
+    if not name or name.count("/") != 1:
+        return False
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -96,13 +118,8 @@ def resolve_encoder(encoder: str | os.PathLike, revision: str | None = None) -> 
                 "`save_pretrained` wrote (config.json + model.safetensors)."
             )
         return ResolvedEncoder(name)
-    if not os.path.exists(name) and name.count("/") == 1:
-        try:
-            validate_repo_id(name)
-        except HFValidationError:
-            pass
-        else:
-            return ResolvedEncoder(name, revision)
+    if not os.path.exists(name) and is_repo_id(name):
+        return ResolvedEncoder(name, revision)
     raise ValueError(
         f"Cannot resolve encoder {name!r}: it is not a registered name, an existing folder, or a Hub repo id "
         f"('owner/name'). Registered names: {', '.join(list_pretrained())}."

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import yaml
 
+from ..private_api import latent_image_ids, pack_latents, reset_accelerate_state
+from ..torch_utils import precision_dtype
 from .cache import TeacherCache
 from .config import TrainingConfig
 from .data import PromptStream, load_sources, sample_prompts, split_eval
@@ -78,15 +80,13 @@ class DistillationTrainer:
 
     def setup(self) -> None:
         from accelerate import Accelerator
-        from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import set_seed
         from diffusers.optimization import get_scheduler
 
         cfg = self.config
         # accelerate keeps its state per process; a second run in one process (a notebook, the tests) may use
-        # another precision or accumulation. The process group (PartialState) is kept.
-        AcceleratorState._reset_state()
-        GradientState._reset_state()
+        # another precision or accumulation.
+        reset_accelerate_state()
         # Under torchrun on a machine without GPUs, accelerate only forms a (gloo) process group when told `cpu`.
         no_gpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = Accelerator(
@@ -97,7 +97,7 @@ class DistillationTrainer:
             project_dir=str(self.output_dir),
         )
         set_seed(cfg.seed)
-        self.dtype = torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+        self.dtype = precision_dtype(cfg.mixed_precision)
 
         # Data first: a malformed prompt file fails before any model is loaded.
         train_prompts = load_sources(cfg.train_data, seed=cfg.seed)
@@ -434,8 +434,6 @@ class DistillationTrainer:
         teacher_embeds: torch.Tensor | None = None, eval_noise: bool = False,
     ) -> Trajectory:
         """Tokens, teacher embeddings, pooled embeddings, noise and guidance for prompts at these positions."""
-        from diffusers import FluxPipeline
-
         cfg, device = self.config, self.accelerator.device
         input_ids = self._tokenize(prompts)
         if teacher_embeds is None:
@@ -452,8 +450,8 @@ class DistillationTrainer:
             noise.append(torch.randn(self.latent_shape, generator=generator))
             index = torch.randint(len(cfg.guidance_scales), (1,), generator=generator).item()
             scales.append(cfg.guidance_scales[index] if guidance is None else guidance)
-        latents = FluxPipeline._pack_latents(torch.stack(noise), len(prompts), channels, height, width)
-        latent_ids = FluxPipeline._prepare_latent_image_ids(len(prompts), height // 2, width // 2, device, self.dtype)
+        latents = pack_latents(torch.stack(noise), len(prompts), channels, height, width)
+        latent_ids = latent_image_ids(len(prompts), height // 2, width // 2, device, self.dtype)
         has_guidance = self.frozen.transformer.config.guidance_embeds
         return Trajectory(
             prompts=prompts,
