@@ -24,6 +24,7 @@ from .registry import is_repo_id, resolve_encoder
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
 
+# What `save_pretrained` of a T5 tokenizer may write beside the model.
 TOKENIZER_FILES = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "added_tokens.json",
 ]
@@ -144,7 +145,8 @@ def download(
 
     Args:
         name_or_repo_id (`str` or `os.PathLike`):
-            A registry name (`list_pretrained()`), a Hub repo id, or a local folder or file (returned as it is).
+            A local file (returned as it is), or a name resolved as `patch_encoder` resolves it: a registry name
+            (`list_pretrained()`) first, then a local folder (returned as it is), then a Hub repo id.
         revision (`str`, *optional*):
             Branch, tag or commit; defaults to the registry record's revision if it has one, else the default branch.
         cache_dir (`str` or `os.PathLike`, *optional*):

@@ -89,6 +89,9 @@ def model_card(
 def read_training_config(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The trainer's resolved config saved in a model folder (`training_config.yaml`), `None` if it has none.
 
+    Args:
+        folder: The model folder; nothing outside it is read (a run's other folders describe other models).
+
     Raises:
         ValueError: the file is not a YAML mapping.
     """
