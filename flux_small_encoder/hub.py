@@ -16,18 +16,20 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import HfApi, get_token, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
-from .checkpoint import PICKLE_SUFFIXES, describe
 from .model_card import LIBRARY_NAME, model_card, read_training_config
-from .modeling import DistilledT5EncoderModel
 from .registry import is_repo_id, resolve_encoder
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
 
+    from .modeling import DistilledT5EncoderModel
+
 # What `save_pretrained` of a T5 tokenizer may write beside the model.
 TOKENIZER_FILES = [
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "added_tokens.json",
 ]
+# Names ending so are checkpoint files, never registry names or repo ids: a missing one is a missing file.
+CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".json", ".pth", ".pt", ".bin", ".ckpt")
 # What a distilled encoder needs from its repo: `download` fetches only these, `push_to_hub` uploads only these.
 MODEL_FILES = [
     "config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES,
@@ -169,7 +171,7 @@ def download(
     name = os.fspath(name_or_repo_id)
     if os.path.isfile(name):
         return name
-    if Path(name).suffix in (*PICKLE_SUFFIXES, ".safetensors", ".json"):
+    if Path(name).suffix in CHECKPOINT_FILE_SUFFIXES:
         raise FileNotFoundError(f"No such file: {name!r}.")
     resolved = resolve_encoder(name, revision)
     if os.path.isdir(resolved.path):
@@ -206,6 +208,10 @@ def not_cached_message(
 
 def _stage_model(model_or_folder, staging: Path) -> Path | None:
     """Put the model's files into `staging`; return the source folder (`None` for a model object)."""
+    # Imported here, not above: `download` (and the CLI's `download`) need neither torch nor transformers.
+    from .checkpoint import describe
+    from .modeling import DistilledT5EncoderModel
+
     if isinstance(model_or_folder, DistilledT5EncoderModel):
         model_or_folder.save_pretrained(staging)
         return None

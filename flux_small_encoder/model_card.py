@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
-from .checkpoint import describe
 from .registry import is_repo_id
 
 LIBRARY_NAME = "flux-small-encoder"
@@ -57,6 +56,8 @@ def model_card(
         base_model: The Hub id of the T5 it started from; defaults to the config's `base_model_name_or_path`, else the
             training config's `student`. Anything that is not a Hub repo id (a local path) is left out.
     """
+    from .checkpoint import describe  # here: `hub.download` imports this module and needs no torch
+
     info = describe(folder)
     trained = dict(training_config or {})
     pipeline = pipeline or _first(trained, _PIPELINE_KEYS)
