@@ -49,16 +49,41 @@ def seed_hub_cache(repo_id: str, files: dict[str, Path], revision: str = "main",
     return snapshot
 
 
+# flan-t5-base's config fields that the public checkpoint's config.json carries over (its student started from it).
+FLAN_T5_FIELDS = {
+    "classifier_dropout": 0.0, "decoder_start_token_id": 0, "dense_act_fn": "gelu_new", "dropout_rate": 0.1,
+    "eos_token_id": 1, "initializer_factor": 1.0, "is_encoder_decoder": True, "is_gated_act": True,
+    "layer_norm_epsilon": 1e-06, "n_positions": 512, "output_past": True, "pad_token_id": 0,
+    "relative_attention_max_distance": 128, "tie_word_embeddings": False, "use_cache": True,
+    "task_specific_params": {
+        "summarization": {"early_stopping": True, "length_penalty": 2.0, "max_length": 200, "min_length": 30,
+                          "no_repeat_ngram_size": 3, "num_beams": 4, "prefix": "summarize: "},
+        "translation_en_to_de": {"early_stopping": True, "max_length": 300, "num_beams": 4,
+                                 "prefix": "translate English to German: "},
+    },
+}
+
+
 def write_public_layout(student, folder: Path) -> Path:
-    """Write `student` the way the public DistillT5 checkpoint is laid out: `model_type: "t5"`, both embedding keys."""
+    """Write `student` as transformers 4.47's `save_pretrained` wrote the public DistillT5 checkpoint.
+
+    Its config.json is flan-t5-base's with the student's dimensions, `model_type: "t5"`, the reference class in
+    `architectures`, the projector widths and 4.47's `torch_dtype` / `transformers_version`. Its model.safetensors
+    holds the tied input embedding once, as `encoder.shared.weight` (4.47 dropped `encoder.encoder.embed_tokens`).
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    config = student.config.to_dict()
-    for key in ("projector_dropout", "transformers_version", "dtype"):
-        config.pop(key, None)
-    config.update(model_type="t5", architectures=["T5EncoderWithProjection"])
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    c = student.config
+    config = {
+        "architectures": ["T5EncoderWithProjection"], "model_type": "t5", **FLAN_T5_FIELDS,
+        "d_ff": c.d_ff, "d_kv": c.d_kv, "d_model": c.d_model, "feed_forward_proj": c.feed_forward_proj,
+        "num_decoder_layers": c.num_layers, "num_heads": c.num_heads, "num_layers": c.num_layers,
+        "relative_attention_num_buckets": c.relative_attention_num_buckets, "vocab_size": c.vocab_size,
+        "project_in_dim": c.project_in_dim, "project_out_dim": c.project_out_dim,
+        "torch_dtype": "float32", "transformers_version": "4.47.0",
+    }
+    (folder / "config.json").write_text(json.dumps(dict(sorted(config.items())), indent=2))
     state = {key: value.detach().clone().contiguous() for key, value in student.state_dict().items()}
-    state["encoder.encoder.embed_tokens.weight"] = state["encoder.shared.weight"].clone()
+    del state["encoder.encoder.embed_tokens.weight"]
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     return folder
 

@@ -7,17 +7,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flux_small_encoder.cli import main
-from flux_small_encoder.configuration import DistilledT5Config
-from flux_small_encoder.convert import (
+from flux_small_encoder.checkpoint import (
     T5_XXL_WIDTH,
-    convert,
     describe,
     fitting_families,
     infer_config,
     read_checkpoint,
-    to_comfyui_keys,
 )
+from flux_small_encoder.cli import main
+from flux_small_encoder.configuration import DistilledT5Config
+from flux_small_encoder.convert import convert, to_comfyui_keys
 from flux_small_encoder.modeling import DistilledT5EncoderModel
 from flux_small_encoder.patching import PIPELINE_FAMILIES
 from flux_small_encoder.registry import load_encoder
@@ -119,6 +118,38 @@ def test_public_checkpoint_normalises_to_save_pretrained_layout(student, public_
     convert(public_checkpoint, tmp_path / "out")
     _assert_same_files(tmp_path / "out" / "model.safetensors", saved_student / "model.safetensors")
     assert json.loads((tmp_path / "out" / "config.json").read_text())["model_type"] == "distilled_t5"
+
+
+def test_file_with_both_embedding_copies_keeps_one(student, saved_student, tmp_path):
+    state = {key: value.clone() for key, value in student.state_dict().items()}  # shared and embed_tokens both
+    assert {"encoder.shared.weight", "encoder.encoder.embed_tokens.weight"} <= state.keys()
+    save_file(state, tmp_path / "both.safetensors")
+    convert(tmp_path / "both.safetensors", tmp_path / "out")
+    _assert_same_files(tmp_path / "out" / "model.safetensors", saved_student / "model.safetensors")
+
+    state["encoder.encoder.embed_tokens.weight"] = state["encoder.encoder.embed_tokens.weight"] + 1
+    save_file(state, tmp_path / "differ.safetensors")
+    with pytest.raises(ValueError, match="two different input embeddings"):
+        convert(tmp_path / "differ.safetensors", tmp_path / "out2")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_sharded_folder_reads_every_shard(student, saved_student, tmp_path):
+    student.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("model-*.safetensors"))) > 1
+    info = describe(tmp_path / "sharded")
+    assert info.parameters == describe(saved_student).parameters
+    assert info.file_size == sum(path.stat().st_size for path in (tmp_path / "sharded").glob("model-*.safetensors"))
+    convert(tmp_path / "sharded", tmp_path / "out")
+    _assert_same_files(tmp_path / "out" / "model.safetensors", saved_student / "model.safetensors")
+
+
+def test_public_config_is_read_as_stored(public_checkpoint):
+    raw = json.loads((public_checkpoint / "config.json").read_text())
+    assert raw["model_type"] == "t5" and raw["architectures"] == ["T5EncoderWithProjection"]
+    info = describe(public_checkpoint)
+    assert info.config_origin == "stored with it" and info.layout == "distill-t5"
+    assert (info.config.num_layers, info.config.d_model, info.config.project_out_dim) == (2, 16, 32)
 
 
 def test_bfloat16_and_fp32_wo_keep_their_dtypes(student, tmp_path):

@@ -1,5 +1,6 @@
 """Hub helpers: what `push_to_hub` hands huggingface_hub (mocked at `HfApi`), and `download` through a seeded cache."""
 
+import inspect
 import logging
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,7 +11,7 @@ from huggingface_hub import HfApi, ModelCard
 from huggingface_hub.errors import LocalEntryNotFoundError
 from huggingface_hub.utils import filter_repo_objects
 
-from flux_small_encoder import hub
+from flux_small_encoder import hub, model_card
 from flux_small_encoder.cli import main
 from flux_small_encoder.tiny import tiny_t5_tokenizer
 
@@ -19,51 +20,75 @@ from .conftest import FAKE_COMMIT, seed_hub_cache
 TOKEN = "hf_TESTsecretTOKEN0123456789"
 
 
+def _bound_fake(name: str, calls: dict, answer):
+    """A stand-in for `HfApi.<name>` that takes exactly the real method's arguments: a misspelt or missing argument
+    raises the `TypeError` the real call would, instead of being swallowed by `**kwargs`."""
+    signature = inspect.signature(getattr(HfApi, name))
+
+    def fake(self, *args, **kwargs):
+        arguments = signature.bind(self, *args, **kwargs).arguments
+        del arguments["self"]
+        calls[name].append({**arguments, "token": self.token} if name == "create_repo" else arguments)
+        return answer(arguments)
+
+    return fake
+
+
+def _upload_answer(calls):
+    def answer(arguments):
+        folder = Path(arguments["folder_path"])
+        calls["upload_folder"][-1]["files"] = {path.name: path.read_bytes() for path in folder.iterdir()}
+        repo_id = arguments["repo_id"]
+        pr_url = f"https://huggingface.co/{repo_id}/discussions/1" if arguments.get("create_pr") else None
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{FAKE_COMMIT}", pr_url=pr_url)
+
+    return answer
+
+
 @pytest.fixture
 def hub_calls(monkeypatch):
     """Replace the HfApi calls that reach the Hub; record their arguments and what the staged folder held."""
     calls = {"create_repo": [], "create_branch": [], "upload_folder": []}
-
-    def create_repo(self, repo_id, **kwargs):
-        calls["create_repo"].append({"repo_id": repo_id, "token": self.token, **kwargs})
-        return SimpleNamespace(repo_id=repo_id)
-
-    def create_branch(self, repo_id, **kwargs):
-        calls["create_branch"].append({"repo_id": repo_id, **kwargs})
-
-    def upload_folder(self, **kwargs):
-        folder = Path(kwargs["folder_path"])
-        files = {path.name: path.read_bytes() for path in folder.iterdir()}
-        calls["upload_folder"].append({**kwargs, "files": files})
-        url = f"https://huggingface.co/{kwargs['repo_id']}/commit/{FAKE_COMMIT}"
-        pr_url = f"https://huggingface.co/{kwargs['repo_id']}/discussions/1" if kwargs.get("create_pr") else None
-        return SimpleNamespace(commit_url=url, pr_url=pr_url)
-
-    monkeypatch.setattr(HfApi, "create_repo", create_repo)
-    monkeypatch.setattr(HfApi, "create_branch", create_branch)
-    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    answers = {
+        "create_repo": lambda arguments: SimpleNamespace(repo_id=arguments["repo_id"]),
+        "create_branch": lambda arguments: None,
+        "upload_folder": _upload_answer(calls),
+    }
+    for name, answer in answers.items():
+        monkeypatch.setattr(HfApi, name, _bound_fake(name, calls, answer))
     return calls
+
+
+def test_fakes_refuse_arguments_the_real_methods_do_not_take(hub_calls):
+    api = HfApi()
+    with pytest.raises(TypeError, match="commit_mesage"):
+        api.upload_folder(repo_id="me/tiny", folder_path=".", commit_mesage="typo")
+    with pytest.raises(TypeError, match="folder_path"):
+        api.upload_folder(repo_id="me/tiny")
+    with pytest.raises(TypeError):
+        api.create_branch("me/tiny", "v1")  # `branch` is keyword-only
+    assert hub_calls == {"create_repo": [], "create_branch": [], "upload_folder": []}
 
 
 @pytest.fixture
 def trainer_run(student, tmp_path) -> Path:
-    """A trainer's output_dir: the resolved config as YAML, and the final student folder."""
+    """A trainer's output_dir: the final student folder, holding the resolved config the trainer saves with it."""
     config = {
         "model": "black-forest-labs/FLUX.1-dev",
         "teacher": "google/t5-v1_1-xxl",
-        "student": "google/t5-v1_1-base",
+        "student": "google/flan-t5-base",
         "max_steps": 50000,
         "learning_rate": 1e-4,
         "num_inference_steps": 20,
         "output_dir": str(tmp_path / "runs" / "s1"),
+        "teacher_cache": "runs/teacher-cache",
         "hub_token": TOKEN,
         "data": {"prompts": "compbench", "cache_dir": "/home/someone/cache"},
         "train_data": [{"path": "/home/someone/prompts/color_train.txt", "repeat": 1.0}],  # the trainer's shape
     }
     run = tmp_path / "runs" / "s1"
-    (run / "final").mkdir(parents=True)
-    (run / "training_config.yaml").write_text(yaml.safe_dump(config))
     student.save_pretrained(run / "final")
+    (run / "final" / "training_config.yaml").write_text(yaml.safe_dump(config))
     return run
 
 
@@ -85,7 +110,7 @@ def test_push_folder_uploads_one_commit_with_card(trainer_run, hub_calls, capsys
     assert hub_calls["create_branch"] == []
     (upload,) = hub_calls["upload_folder"]
     assert upload["repo_id"] == "me/flux-t5-tiny" and upload["revision"] is None and upload["create_pr"] is False
-    assert set(upload["files"]) == {"config.json", "model.safetensors", "README.md"}
+    assert set(upload["files"]) == {"config.json", "model.safetensors", "README.md"}  # no training_config.yaml
     assert upload["files"]["model.safetensors"] == (trainer_run / "final" / "model.safetensors").read_bytes()
     assert commit.commit_url.endswith(FAKE_COMMIT)
 
@@ -93,7 +118,7 @@ def test_push_folder_uploads_one_commit_with_card(trainer_run, hub_calls, capsys
     assert card.data.library_name == "flux-small-encoder"
     assert {"flux", "text-encoder", "distillation"} <= set(card.data.tags)
     assert card.data.license == "other"
-    assert card.data.base_model == "google/t5-v1_1-base"
+    assert card.data.base_model == "google/flan-t5-base"
     assert card.data.teacher == "google/t5-v1_1-xxl"
     assert card.data.distilled_for == "black-forest-labs/FLUX.1-dev"
     assert 'load_pipeline("black-forest-labs/FLUX.1-dev", encoder="me/flux-t5-tiny"' in card.text
@@ -105,7 +130,9 @@ def test_push_folder_uploads_one_commit_with_card(trainer_run, hub_calls, capsys
 
     out = capsys.readouterr()
     _assert_no_token(upload, out.out, out.err, caplog.text)
-    assert sorted(path.name for path in (trainer_run / "final").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(path.name for path in (trainer_run / "final").iterdir()) == [
+        "config.json", "model.safetensors", "training_config.yaml",
+    ]
 
 
 def test_push_model_with_tokenizer_revision_and_pr(student, hub_calls):
@@ -207,6 +234,10 @@ def test_download_revision_and_local_folder(public_checkpoint, tmp_path):
     snapshot = seed_hub_cache("me/pinned", files, revision="v1", commit=commit)
     assert Path(hub.download("me/pinned", revision="v1")) == snapshot
     assert hub.download(str(public_checkpoint)) == str(public_checkpoint)
+    weights = public_checkpoint / "model.safetensors"
+    assert hub.download(weights) == str(weights)  # a local file is a checkpoint too (`convert`, `info`)
+    with pytest.raises(FileNotFoundError, match="No such file"):
+        hub.download(tmp_path / "absent.pth")
 
 
 def test_offline_without_cache_names_repo_and_command(tmp_path, capsys):
@@ -231,11 +262,51 @@ def test_cli_download_prints_folder(seeded_hub, capsys):
     assert capsys.readouterr().out.strip() == str(seeded_hub)
 
 
-def test_training_config_lookup(trainer_run, tmp_path, student):
-    found = hub.find_training_config(trainer_run / "final")
-    assert found is not None and found[0] == trainer_run / "training_config.yaml"
+def test_card_reads_only_the_training_config_inside_the_pushed_folder(trainer_run, student, hub_calls):
+    beside = {"model": "someone/other-pipeline", "teacher": "someone/other-teacher", "max_steps": 1}
+    (trainer_run / "training_config.yaml").write_text(yaml.safe_dump(beside))  # the run's, not this folder's
     student.save_pretrained(trainer_run / "checkpoint-10" / "student")
-    assert hub.find_training_config(trainer_run / "checkpoint-10" / "student")[0] == found[0]
-    (tmp_path / "loose").mkdir()
-    (tmp_path / "loose" / "config.yaml").write_text("something: else\n")  # not the trainer's: ignored
-    assert hub.find_training_config(tmp_path / "loose") is None
+    hub.push_to_hub(trainer_run / "checkpoint-10" / "student", "me/tiny")
+    card = _card(hub_calls["upload_folder"][0])
+    assert "distilled_for" not in card.data.to_dict() and "teacher" not in card.data.to_dict()
+    assert "someone/other" not in card.text and "## Training" not in card.text
+
+
+def test_unreadable_training_config_is_refused_before_anything_is_sent(trainer_run, hub_calls):
+    config = trainer_run / "final" / "training_config.yaml"
+    config.write_text("- a list\n- not a mapping\n")
+    with pytest.raises(ValueError, match=r"training_config.yaml holds a list, not the trainer's config.*README.md"):
+        hub.push_to_hub(trainer_run / "final", "me/tiny")
+    config.write_text("model: [unclosed\n")
+    with pytest.raises(ValueError, match="training_config.yaml is not valid YAML"):
+        hub.push_to_hub(trainer_run / "final", "me/tiny")
+    assert hub_calls == {"create_repo": [], "create_branch": [], "upload_folder": []}
+
+
+def test_push_refuses_a_bad_repo_id_before_anything_is_sent(trainer_run, hub_calls):
+    for repo_id in ("flux-t5-tiny", "me/flux t5", str(trainer_run)):
+        with pytest.raises(ValueError, match="is not a Hub repo id: pass 'owner/name'"):
+            hub.push_to_hub(trainer_run / "final", repo_id)
+    assert hub_calls == {"create_repo": [], "create_branch": [], "upload_folder": []}
+
+
+def test_card_text_comes_from_the_template(trainer_run, tmp_path, monkeypatch):
+    final = trainer_run / "final"
+    shipped = model_card.model_card(final, "me/tiny")
+    assert "| projector | 16 -> 32 -> 32 (ReLU MLP) |" in shipped.text
+
+    template = tmp_path / "card.md"
+    template.write_text("---\n{{ card_data }}\n---\n\nOur words on {{ repo_id }}, {{ config.num_layers }} layers.\n")
+    monkeypatch.setattr(model_card, "TEMPLATE_PATH", template)
+    card = model_card.model_card(final, "me/tiny", license="mit")
+    assert card.text.strip() == "Our words on me/tiny, 2 layers."
+    assert card.data.license == "mit" and card.data.library_name == "flux-small-encoder"
+
+
+def test_card_holds_no_local_path_or_token(trainer_run, tmp_path):
+    final = trainer_run / "final"
+    card = model_card.model_card(final, "me/tiny", training_config=model_card.read_training_config(final))
+    text = str(card)
+    assert "max_steps: 50000" in text and "path: color_train.txt" in text  # the config did reach the card
+    for private in (TOKEN, "hub_token", str(tmp_path), "/home/someone", "runs/teacher-cache", "output_dir"):
+        assert private not in text, private

@@ -1,0 +1,141 @@
+"""The model card of a distilled encoder: huggingface_hub's `ModelCard` rendered from `templates/model_card.md`.
+
+The card's metadata is a `ModelCardData` (library, license, base model, tags, teacher, pipeline); its text is the
+shipped Jinja template, filled from the checkpoint (`checkpoint.describe`) and, for a folder the trainer saved, from
+the `training_config.yaml` it wrote there, without local paths or anything that looks like a credential.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from huggingface_hub import ModelCard, ModelCardData
+
+from .registry import is_repo_id
+
+LIBRARY_NAME = "flux-small-encoder"
+CARD_TAGS = ("flux", "text-encoder", "t5", "distillation", "diffusers", "flux-small-encoder")
+PAPER_URL = "https://arxiv.org/abs/2503.19897"
+# The card's text: a Jinja template rendered by `ModelCard.from_template`, shipped as package data.
+TEMPLATE_PATH = resources.files(__package__) / "templates" / "model_card.md"
+# The trainer writes its resolved config under this name into every model folder it saves.
+TRAINING_CONFIG_NAME = "training_config.yaml"
+# Training-config keys the card reads: the pipeline distilled for, its teacher encoder, the student's starting point.
+_PIPELINE_KEYS, _TEACHER_KEYS, _STUDENT_KEYS = ("model", "pipeline"), ("teacher",), ("student", "base_model")
+# Kept out of the card: local paths, and anything that could be a credential.
+_PRIVATE_KEYS = ("output_dir", "resume_from_checkpoint", "logging_dir", "cache_dir", "teacher_cache", "data_root")
+_CREDENTIAL_WORDS = ("token", "secret", "password", "key")
+
+
+def model_card(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    training_config: Mapping[str, Any] | None = None,
+    license: str | None = None,
+    pipeline: str | None = None,
+    teacher: str | None = None,
+    base_model: str | None = None,
+) -> ModelCard:
+    """The model card `hub.push_to_hub` writes for a saved encoder folder.
+
+    Args:
+        folder: A folder written by `save_pretrained` (its config, weights and tokenizer files are described).
+        repo_id: The Hub repository the card is for (its title and usage snippet).
+        training_config: The trainer's resolved config (`read_training_config`); its `model`, `teacher` and `student`
+            fill what the arguments below leave out, and a summary without local paths goes into the card.
+        license: A Hub license id; defaults to `"other"` (the weights were distilled through a pipeline whose license
+            may bind them).
+        pipeline: The pipeline the encoder was distilled for.
+        teacher: The encoder it replaces.
+        base_model: The Hub id of the T5 it started from; defaults to the config's `base_model_name_or_path`, else the
+            training config's `student`. Anything that is not a Hub repo id (a local path) is left out.
+    """
+    from .checkpoint import describe  # here: `hub.download` imports this module and needs no torch
+
+    info = describe(folder)
+    trained = dict(training_config or {})
+    pipeline = pipeline or _first(trained, _PIPELINE_KEYS)
+    teacher = teacher or _first(trained, _TEACHER_KEYS)
+    base_model = _hub_id(
+        base_model or _hub_id(getattr(info.config, "base_model_name_or_path", None)) or _first(trained, _STUDENT_KEYS)
+    )
+    card_data = ModelCardData(
+        library_name=LIBRARY_NAME,
+        license=license or "other",
+        base_model=base_model,
+        tags=list(CARD_TAGS),
+        teacher=teacher,
+        distilled_for=pipeline,
+    )
+    summary = yaml.safe_dump(_public_summary(trained), sort_keys=False).strip() if trained else None
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE_PATH),
+        repo_id=repo_id,
+        config=info.config,
+        info=info,
+        has_tokenizer=(Path(folder) / "tokenizer_config.json").is_file(),  # what every tokenizer's save writes
+        training_summary=summary,
+        stated_license=license,
+        paper_url=PAPER_URL,
+    )
+
+
+def read_training_config(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The trainer's resolved config saved in a model folder (`training_config.yaml`), `None` if it has none.
+
+    Args:
+        folder: The model folder; nothing outside it is read (a run's other folders describe other models).
+
+    Raises:
+        ValueError: the file is not a YAML mapping.
+    """
+    path = Path(folder) / TRAINING_CONFIG_NAME
+    if not path.is_file():
+        return None
+    fix = "Fix or delete it, or put your own README.md into the folder to skip the generated card."
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML ({error}). {fix}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a {type(config).__name__}, not the trainer's config (a mapping). {fix}")
+    return config
+
+
+def _first(config: Mapping, keys: tuple[str, ...]) -> str | None:
+    for key in keys:
+        if isinstance(config.get(key), str) and config[key]:
+            return config[key]
+    return None
+
+
+def _hub_id(name: str | None) -> str | None:
+    """`name` if it is a Hub repo id, not a local path (the Hub rejects a `base_model` it cannot resolve)."""
+    return name if name and not os.path.exists(name) and is_repo_id(name) else None
+
+
+def _public_summary(value):
+    """The training config without local folders or anything that looks like a credential.
+
+    Keys naming local folders or credentials are dropped; any other absolute path, wherever it sits (a prompt file in
+    a list of sources, say), keeps only its file name, which says what was used without telling where it lives.
+    """
+    if isinstance(value, dict):
+        return {key: _public_summary(item) for key, item in value.items() if not _private_key(key)}
+    if isinstance(value, list):
+        return [_public_summary(item) for item in value]
+    if isinstance(value, str) and (os.path.isabs(value) or value.startswith("~")):
+        return os.path.basename(value.rstrip("/\\"))
+    return value
+
+
+def _private_key(key) -> bool:
+    words = str(key).lower().replace("-", "_").split("_")
+    return key in _PRIVATE_KEYS or any(word in _CREDENTIAL_WORDS for word in words)
