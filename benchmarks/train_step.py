@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import tempfile
 import time
 
@@ -29,24 +30,21 @@ import torch
 
 def build(args):
     from diffusers import FluxTransformer2DModel
-    from diffusers.optimization import get_scheduler
     from transformers import T5EncoderModel
 
     from flux_small_encoder.modeling import DistilledT5EncoderModel
     from flux_small_encoder.tiny import tiny_t5_config
-    from flux_small_encoder.training import DistillationTrainer, load_config
-    from flux_small_encoder.training.distill import VisionDistillation, flux_schedule
+    from flux_small_encoder.torch_utils import default_device
+    from flux_small_encoder.training import DistillationTrainer, load_config, model_source
 
     dtype = getattr(torch, args.dtype)
     config = load_config("tiny", [
-        f"output_dir={tempfile.mkdtemp()}", "report_to=none", "num_eval_prompts=0", "student=tiny",
+        f"output_dir={tempfile.mkdtemp()}", "report_to=none", "num_eval_prompts=0", "learning_rate=1e-5",
         f"num_inference_steps={args.steps}", f"train_batch_size={args.batch_size}", "lr_scheduler=constant",
         f"max_sequence_length={args.tokens}", f"resolution={args.resolution}",
         f"mixed_precision={'bf16' if dtype == torch.bfloat16 else 'no'}",
     ])
-    trainer = DistillationTrainer(config)
-    trainer.setup()
-    device = trainer.accelerator.device
+    device = default_device()  # the device the trainer's Accelerator picks
     torch.manual_seed(0)
     # Frozen models are built directly on the device in their dtype (FLUX.1's 12B transformer would take minutes
     # to initialise on a CPU and does not fit in float32 beside T5-XXL).
@@ -67,22 +65,15 @@ def build(args):
         else:
             student_t5 = T5EncoderModel(tiny_t5_config(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2))
     width = transformer.config.joint_attention_dim
-    transformer = transformer.requires_grad_(False).eval()
-    student = DistilledT5EncoderModel.from_t5_encoder(student_t5, width, projector_dropout=0.0).train()
+    student = DistilledT5EncoderModel.from_t5_encoder(student_t5, width, projector_dropout=0.0)
 
-    # Put the benchmark's models into the trainer, so the step timed is the trainer's own `training_step`.
-    trainer.frozen.transformer = transformer
-    channels = transformer.config.in_channels // 4
-    vae_scale_factor = 8 if args.size == "flux" else trainer.frozen.vae_scale_factor
-    height = 2 * (args.resolution // (vae_scale_factor * 2))
-    trainer.latent_shape = (channels, height, height)
-    trainer.objective = VisionDistillation(transformer, *flux_schedule(trainer.frozen.scheduler, args.steps,
-                                                                       (height // 2) ** 2)).to(device)
-    trainer.teacher = teacher.requires_grad_(False).eval()
-    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-5)
-    trainer.student, trainer.optimizer = trainer.accelerator.prepare(student, optimizer)
-    trainer.trainable = list(student.parameters())
-    trainer.lr_scheduler = get_scheduler("constant", optimizer=optimizer)
+    # The benchmark's models go through the trainer's seam, so the step timed is the trainer's own `training_step`;
+    # the tiny source gives the scheduler, CLIP and the tokenizers.
+    tiny = model_source("tiny").frozen_parts(config, dtype)
+    vae_scale_factor = 8 if args.size == "flux" else tiny.vae_scale_factor
+    frozen = dataclasses.replace(tiny, transformer=transformer, vae_scale_factor=vae_scale_factor)
+    trainer = DistillationTrainer(config, frozen=frozen, teacher=teacher, student=student)
+    trainer.setup()
     return trainer
 
 

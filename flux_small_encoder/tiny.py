@@ -61,6 +61,14 @@ def tiny_teacher(seed: int = 0):
     return T5EncoderModel(tiny_t5_config(d_model=JOINT_ATTENTION_DIM, num_layers=3)).eval()
 
 
+def tiny_student_t5(seed: int = 0):
+    """A tiny random `T5EncoderModel` for a student to start from (the `tiny` training config's)."""
+    from transformers import T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(tiny_t5_config(d_model=32, d_kv=8))
+
+
 def tiny_student(seed: int = 1, project_out_dim: int = JOINT_ATTENTION_DIM) -> DistilledT5EncoderModel:
     """A tiny random student: a narrower T5 than the teacher plus a projector to `project_out_dim`."""
     torch.manual_seed(seed)

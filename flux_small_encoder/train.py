@@ -1,9 +1,5 @@
-"""`python -m flux_small_encoder.train --config NAME [key=value ...]`: the entry point for `accelerate launch`.
-
-    accelerate launch --multi_gpu --num_processes 8 -m flux_small_encoder.train --config stage1-compbench \
-        model=black-forest-labs/FLUX.1-dev output_dir=runs/s1
-
-It takes the same arguments as `flux-small-encoder train`.
+"""`python -m flux_small_encoder.train`: kept for existing launch commands; `python -m flux_small_encoder.training`
+is the same entry point.
 """
 
 import sys

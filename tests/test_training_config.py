@@ -3,13 +3,36 @@
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+import typing
 from pathlib import Path
+from typing import Literal
 
 import pytest
+import yaml
 
-from flux_small_encoder.training import SHIPPED_CONFIGS, PromptFileError, TrainingConfig, load_config, read_prompts
+from flux_small_encoder.training import (
+    SHIPPED_CONFIGS,
+    PromptFileError,
+    TrainingConfig,
+    TrainingLaunchError,
+    launch_command,
+    launch_training,
+    load_config,
+    read_prompts,
+)
 from flux_small_encoder.training.config import config_path
 from flux_small_encoder.training.data import PromptStream, load_sources, split_eval
+from flux_small_encoder.training.lora_block import T5_LORA_TARGETS
+
+# The choices of the config, read from its type hints as the config itself reads them.
+CHOICES = {
+    name: typing.get_args(hint)
+    for name, hint in typing.get_type_hints(TrainingConfig).items()
+    if typing.get_origin(hint) is Literal
+}
 
 
 @pytest.mark.parametrize("name", SHIPPED_CONFIGS)
@@ -142,17 +165,86 @@ def test_split_eval_holds_prompts_out():
     assert len(held_out) == 5 and not set(train) & set(held_out) and len(train) == 30
 
 
-def test_num_processes_goes_through_accelerate_launch(monkeypatch, tmp_path):
-    import subprocess
-
-    from flux_small_encoder.cli import main
-
-    calls = []
-    monkeypatch.setattr(subprocess, "call", lambda command: calls.append(command) or 0)
-    assert main(["train", "--config", "tiny", "--num-processes", "8", f"output_dir={tmp_path}"]) == 0
-    command = calls[0]
-    assert command[1:4] == ["-m", "accelerate.commands.launch", "--multi_gpu"]
+def test_launch_command_runs_the_training_module_on_n_processes():
+    command = launch_command("tiny", ["output_dir=/tmp/x", "lora.r=4"], 8, mixed_precision="bf16")
+    assert command[:4] == [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu"]
     assert command[command.index("--num_processes") + 1] == "8"
-    assert command[-4:] == ["flux_small_encoder.train", "--config", "tiny", f"output_dir={tmp_path}"]
-    # A bad config fails here, before any process starts.
-    assert main(["train", "--config", "tiny", "--num-processes", "8", "objective=kl"]) == 1 and len(calls) == 1
+    assert command[command.index("--mixed_precision") + 1] == "bf16"
+    assert command[-6:] == ["-m", "flux_small_encoder.training", "--config", "tiny", "output_dir=/tmp/x", "lora.r=4"]
+    with pytest.raises(ValueError, match="at least 2"):
+        launch_command("tiny", [], 1)
+
+
+def test_launch_training_checks_the_config_first_and_names_the_exit_status(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda command: calls.append(command) or 3)
+    with pytest.raises(ValueError, match="objective='kl'"):
+        launch_training("tiny", ["objective=kl"], 2)
+    assert calls == []  # a bad config starts no process
+    with pytest.raises(TrainingLaunchError, match="exit status 3"):
+        launch_training("tiny", ["mixed_precision=bf16", f"output_dir={tmp_path}"], 2)
+    assert len(calls) == 1 and calls[0][calls[0].index("--mixed_precision") + 1] == "bf16"
+
+
+# --- choices and the LoRA block -------------------------------------------------------------------------------------
+
+
+def test_the_choices_are_the_literal_hints():
+    assert set(CHOICES) == {"objective", "student_init", "mixed_precision", "report_to"}
+
+
+@pytest.mark.parametrize("name, value", [(name, value) for name, values in CHOICES.items() for value in values])
+def test_every_allowed_value_of_a_choice_loads(name, value):
+    assert getattr(load_config("tiny", [f"{name}={value}"]), name) == value
+
+
+@pytest.mark.parametrize("name", sorted(CHOICES))
+def test_a_value_outside_a_choice_is_refused_naming_the_allowed_values(name):
+    with pytest.raises(ValueError) as error:
+        load_config("tiny", [f"{name}=bogus"])
+    message = str(error.value)
+    assert message.startswith(f"{name}='bogus' is not one of ") and "\n" not in message
+    assert re.findall(r"'(\w+)'", message.split(" (")[0])[1:] == list(CHOICES[name])
+
+
+def test_default_student_is_the_published_students_start():
+    assert TrainingConfig().student == "google/flan-t5-base"
+
+
+def test_lora_block_from_yaml_and_dotted_overrides(tmp_path):
+    (tmp_path / "run.yaml").write_text("model: tiny\nstudent_init: t5\nlora: {r: 8, use_dora: true}\n")
+    config = load_config(tmp_path / "run.yaml", ["lora.r=4", "lora.target_modules=[q, v]"])
+    assert config.lora == {"r": 4, "use_dora": True, "target_modules": ["q", "v"]}
+    # Absent or empty: full fine-tuning; without target_modules: T5's projections.
+    assert load_config("tiny").lora == {}
+    assert load_config("tiny", ["student_init=t5", "lora.r=2"]).lora == {"r": 2, "target_modules": T5_LORA_TARGETS}
+
+
+def test_flat_lora_keys_still_load_into_the_block_with_a_warning():
+    with pytest.warns(FutureWarning, match=r"lora_rank -> lora\.r, lora_dropout -> lora\.lora_dropout"):
+        config = load_config("tiny", ["student_init=t5", "lora_rank=4", "lora_dropout=0.1",
+                                      "lora_train_projector=true"])
+    assert config.lora == {"r": 4, "lora_alpha": 4, "lora_dropout": 0.1, "modules_to_save": ["final_projection"],
+                           "target_modules": T5_LORA_TARGETS}
+
+
+def test_a_config_saved_with_flat_lora_keys_still_loads(tmp_path):
+    saved = load_config("tiny").to_dict()
+    del saved["lora"]
+    saved.update(lora_rank=0, lora_alpha=None, lora_dropout=0.0, lora_target_modules=["q"], lora_train_projector=False)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.warns(FutureWarning, match="lora_rank"):
+        assert load_config(tmp_path / "config.yaml").lora == {}  # rank 0 meant full fine-tuning
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("lora.rank=4", "lora.rank is not an argument of peft's LoraConfig"),
+     ("lora.r=four", "lora.r must be of type int"), ("lora.use_dora=maybe", "lora.use_dora must be of type bool"),
+     ("lora=8", "lora must be a mapping"),
+     ("lora.r=0", "lora.r must be at least 1")],
+)
+def test_a_bad_lora_block_fails_at_config_time_naming_the_field(override, message):
+    with pytest.raises(ValueError, match=re.escape(message)) as error:
+        load_config("tiny", ["student_init=t5", override])
+    assert "\n" not in str(error.value)

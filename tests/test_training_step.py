@@ -7,17 +7,29 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from flux_small_encoder.training import DistillationTrainer, load_config
+from flux_small_encoder.training import DistillationTrainer, NaiveDistillation, Trajectory, load_config, models
 from flux_small_encoder.training.distill import flux_schedule
 
 
-def make_trainer(tmp_path, *overrides) -> DistillationTrainer:
-    config = load_config("tiny", [f"output_dir={tmp_path / 'run'}", "report_to=none", "num_eval_prompts=0",
-                                  "lr_scheduler=constant", "lr_warmup_steps=0", *overrides])
-    trainer = DistillationTrainer(config)
+def tiny_config(tmp_path, *overrides):
+    return load_config("tiny", [f"output_dir={tmp_path / 'run'}", "report_to=none", "num_eval_prompts=0",
+                                "lr_scheduler=constant", "lr_warmup_steps=0", *overrides])
+
+
+def make_trainer(tmp_path, *overrides, **models_handed_in) -> DistillationTrainer:
+    trainer = DistillationTrainer(tiny_config(tmp_path, *overrides), **models_handed_in)
     trainer.setup()
     return trainer
+
+
+def student_update(trainer: DistillationTrainer, trajectories: list[Trajectory]) -> tuple[float, dict]:
+    """One `training_step` at the first timestep: its loss and how much each student weight moved."""
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    before = {name: p.detach().clone() for name, p in student.named_parameters()}
+    loss = trainer.training_step(trajectories, 0)["loss"]
+    return loss, {name: p.detach() - before[name] for name, p in student.named_parameters()}
 
 
 @pytest.fixture(scope="module")
@@ -116,3 +128,76 @@ def test_teacher_runs_once_per_batch_not_per_timestep(tmp_path):
     trainer.teacher.register_forward_hook(lambda *args: calls.append(1))
     trainer.train()
     assert trainer.step == 8 and len(calls) == 2  # two batches of four timesteps each
+
+
+def test_two_micro_batches_of_four_make_the_update_of_one_batch_of_eight(tmp_path):
+    # An epsilon far above every gradient turns AdamW's first step into plain SGD (lr * g / eps = 1000 g here), so
+    # the update is proportional to the gradient: a wrongly scaled or partial accumulation shows.
+    # One trainer after the other: accelerate's accumulation setting is per process.
+    sgd = ["adam_epsilon=1e6", "learning_rate=1e9", "weight_decay=0", "max_grad_norm=0"]
+    accumulated = make_trainer(tmp_path / "a", *sgd, "train_batch_size=4", "gradient_accumulation_steps=2")
+    micro_batches = [accumulated.make_trajectory(0, 0), accumulated.make_trajectory(0, 1)]
+    loss, update = student_update(accumulated, micro_batches)
+    single = make_trainer(tmp_path / "b", *sgd, "train_batch_size=8")
+    batch = single.make_trajectory(0, 0)
+    assert [p for t in micro_batches for p in t.prompts] == batch.prompts
+    expected_loss, expected_update = student_update(single, [batch])
+
+    assert loss == pytest.approx(expected_loss, rel=1e-5)
+    assert max(u.abs().max() for u in expected_update.values()) > 1e-3
+    for name, value in expected_update.items():
+        torch.testing.assert_close(update[name], value, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_naive_loss_is_the_mean_squared_difference_of_the_embeddings(tmp_path):
+    teacher = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    student = torch.tensor([[[1.5, 2.0], [3.0, 2.0]]])
+    trajectory = Trajectory(["p"], torch.zeros(1, 2), teacher, torch.zeros(1, 1), torch.zeros(1, 1, 1), None, None)
+    objective = NaiveDistillation(nn.Identity(), torch.zeros(1), torch.zeros(2))
+    assert objective(student, trajectory, 0)["loss"].item() == (0.5**2 + 0 + 0 + 2**2) / 4
+
+    # In the trainer: the loss of a step is that of the student's and the teacher's own embeddings of the prompts.
+    trainer = make_trainer(tmp_path, "objective=naive")
+    trajectory = trainer.make_trajectory(0, 0)
+    with torch.no_grad():
+        student_embeds = trainer.accelerator.unwrap_model(trainer.student)(trajectory.input_ids)[0]
+        teacher_embeds = trainer.teacher(trajectory.input_ids)[0]
+    expected = (student_embeds - teacher_embeds).pow(2).sum().item() / teacher_embeds.numel()
+    assert trainer.training_step([trajectory], 0)["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_models_handed_in_are_the_ones_trained_and_nothing_is_loaded(tmp_path, monkeypatch):
+    config = tiny_config(tmp_path)
+    tiny = models.model_source("tiny")
+    frozen, teacher = tiny.frozen_parts(config, torch.float32), tiny.teacher(config, torch.float32)
+    student = models.build_student(config, frozen.width)
+
+    def refuse(*args):
+        raise AssertionError("a model was loaded although one was handed in")
+
+    monkeypatch.setitem(models.BUILT_IN_SOURCES, "tiny", models.ModelSource(refuse, refuse, refuse, refuse))
+    trainer = make_trainer(tmp_path, frozen=frozen, teacher=teacher, student=student)
+
+    assert trainer.frozen is frozen and trainer.teacher is teacher
+    assert trainer.objective.transformer is frozen.transformer
+    assert trainer.accelerator.unwrap_model(trainer.student) is student
+    _, update = student_update(trainer, [trainer.make_trajectory(0, 0)])
+    assert any(u.abs().max() > 0 for u in update.values())  # the student handed in is the one that learns
+
+
+def test_a_teacher_and_a_teacher_cache_together_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        DistillationTrainer(tiny_config(tmp_path, f"teacher_cache={tmp_path}"), teacher=nn.Identity())
+
+
+def test_the_lora_block_reaches_peft(tmp_path):
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    trainer = make_trainer(tmp_path, "student_init=t5", "lora={r: 4, use_dora: true, target_modules: [q, v]}")
+    student = trainer.accelerator.unwrap_model(trainer.student)
+    assert isinstance(student, PeftModel) and student.peft_config["default"].use_dora
+    adapted = {name.rsplit(".", 1)[1]: module for name, module in student.named_modules()
+               if isinstance(module, LoraLayer)}
+    assert set(adapted) == {"q", "v"}
+    assert all(module.r["default"] == 4 and "default" in module.lora_magnitude_vector for module in adapted.values())

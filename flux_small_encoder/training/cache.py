@@ -12,14 +12,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+
+from ..atomic import atomic_folder
+from ..torch_utils import default_device, precision_dtype
+from .config import TrainingConfig
+from .data import load_sources
+from .models import load_t5_tokenizer, load_teacher, teacher_name, tokenize_t5
 
 INDEX_NAME = "index.json"
 
@@ -55,6 +59,16 @@ class TeacherCache:
 
     def __contains__(self, input_ids: torch.Tensor) -> bool:
         return cache_key(input_ids) in self._where
+
+    def check_covers(self, prompts: list[str], tokenize: Callable[[list[str]], torch.Tensor]) -> None:
+        """Raise `ValueError` if any of `prompts` (tokenized by `tokenize`, as training does) is not cached."""
+        distinct = list(dict.fromkeys(prompts))
+        missing = [p for p, ids in zip(distinct, tokenize(distinct), strict=True) if ids not in self]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} of {len(distinct)} prompts are not in the teacher cache {self.folder} (first: "
+                f"{missing[0]!r}): write the cache with the same config (`flux-small-encoder cache-teacher`)."
+            )
 
     def __call__(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The cached embeddings of a batch of token ids, `(batch, seq, width)`, in the cache's dtype, on the CPU."""
@@ -102,9 +116,7 @@ def write_teacher_cache(
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} exists: give a new folder for the teacher cache (nothing was overwritten).")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with atomic_folder(folder) as staging:
         distinct = list(dict.fromkeys(prompts))
         shards, pending, seen = [], {}, set()
 
@@ -131,8 +143,54 @@ def write_teacher_cache(
             "num_prompts": len(seen), "shards": shards,
         }
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
-        staging.rename(folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return folder
+
+
+def cache_teacher(
+    config: TrainingConfig,
+    out: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | str | None = None,
+    batch_size: int = 16,
+    device: torch.device | str | None = None,
+) -> Path:
+    """Write the teacher embeddings of every prompt of a run (`train_data` and `eval_data`) into a cache folder.
+
+    Then `teacher_cache=FOLDER` trains without loading the teacher.
+
+    Args:
+        config: The run's configuration: its prompts, `model` / `teacher`, `max_sequence_length`, `mixed_precision`.
+        out: The cache folder to create (must not exist); default: `config.teacher_cache`.
+        dtype: Storage dtype (`torch.bfloat16`, `"float32"`, ...); default: the dtype `mixed_precision` runs the
+            teacher in (bfloat16 under `bf16`, else float32).
+        batch_size: Prompts per teacher call.
+        device: Where the teacher runs; default: CUDA if available, else the CPU.
+
+    Returns:
+        The cache folder.
+
+    Raises:
+        ValueError: Neither `out` nor `config.teacher_cache` says where to write.
+        PromptFileError: A prompt file is malformed (nothing is loaded or written).
+        FileExistsError: The folder exists (nothing is overwritten).
+    """
+    out = out or config.teacher_cache
+    if not out:
+        raise ValueError("no folder for the teacher cache: give `out` (--out), or set teacher_cache in the config.")
+    if Path(out).exists():
+        raise FileExistsError(f"{out} exists: give a new folder for the teacher cache (nothing was overwritten).")
+    prompts = load_sources(config.train_data + config.eval_data, seed=config.seed)
+    model_dtype = precision_dtype(config.mixed_precision)
+    device = device or default_device()
+    teacher = load_teacher(config, model_dtype).to(device)
+    tokenizer = load_t5_tokenizer(config)
+    return write_teacher_cache(
+        out,
+        encode=lambda ids: teacher(ids.to(device), output_hidden_states=False)[0],
+        tokenize=lambda batch: tokenize_t5(tokenizer, batch, config.max_sequence_length),
+        prompts=prompts,
+        teacher=teacher_name(config),
+        max_sequence_length=config.max_sequence_length,
+        dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype or model_dtype,
+        batch_size=batch_size,
+    )

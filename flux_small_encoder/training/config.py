@@ -1,21 +1,30 @@
 """The training configuration: one dataclass whose field help is the documentation, filled from YAML and `key=value`.
 
 A run reads a YAML file (a shipped name such as `stage1-compbench`, or a path) for its defaults, then applies
-`key=value` overrides from the command line, and saves the resolved configuration as `output_dir/config.yaml`.
+`key=value` overrides from the command line, and saves the resolved configuration as `output_dir/config.yaml` (and as
+`training_config.yaml` in every student folder it writes). The allowed values of a choice are its `Literal` type hint.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from ..atomic import write_text_atomically
+from .lora_block import check_lora, move_flat_lora_keys
+
 SHIPPED_CONFIGS = ("tiny", "stage1-compbench", "stage2-commontext", "stage3-mixed")
+CONFIG_NAME = "config.yaml"
+# The name of the resolved config inside a student folder, so that a model folder carries its own provenance.
+STUDENT_CONFIG_NAME = "training_config.yaml"
 
 
 @dataclass
@@ -45,7 +54,8 @@ class TrainingConfig:
     model: str = field(
         default="black-forest-labs/FLUX.1-dev",
         metadata={"help": "FLUX pipeline (Hub repo id or folder) whose transformer, scheduler and CLIP are used, "
-                  "frozen. `tiny` builds tiny random components in code (offline smoke runs and tests)."},
+                  "frozen, or a built-in model source: `tiny` builds tiny random components in code (offline smoke "
+                  "runs and tests)."},
     )
     revision: str | None = field(default=None, metadata={"help": "Revision of `model` on the Hub."})
     teacher: str | None = field(
@@ -59,11 +69,12 @@ class TrainingConfig:
                   "Prompts missing from it are an error (nothing is silently recomputed)."},
     )
     student: str = field(
-        default="google/t5-v1_1-base",
-        metadata={"help": "What the student starts from: a T5 checkpoint (repo id or folder), a distilled encoder "
-                  "(registry name, folder or repo id) when `student_init=distilled`, or `tiny`."},
+        default="google/flan-t5-base",
+        metadata={"help": "What the student starts from: a T5 checkpoint (repo id or folder; the published T5-Base "
+                  "student started from google/flan-t5-base), a distilled encoder (registry name, folder or repo id) "
+                  "when `student_init=distilled`, or a built-in model source such as `tiny`."},
     )
-    student_init: str = field(
+    student_init: Literal["t5", "random", "distilled"] = field(
         default="t5",
         metadata={"help": "`t5`: the pretrained T5 encoder plus a new projector; `random`: the same architecture "
                   "with random weights; `distilled`: continue from a distilled encoder (for example with LoRA)."},
@@ -71,7 +82,7 @@ class TrainingConfig:
     projector_dropout: float = field(default=0.1, metadata={"help": "Dropout inside a new student's projector."})
 
     # --- objective
-    objective: str = field(
+    objective: Literal["vision", "naive"] = field(
         default="vision",
         metadata={"help": "`vision`: match the transformer's predictions along the teacher's sampling trajectory "
                   "(the paper's method); `naive`: MSE between student and teacher embeddings (its ablation)."},
@@ -129,7 +140,7 @@ class TrainingConfig:
     )
     lr_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the learning rate schedule."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the student's gradient norm to this (0: off)."})
-    mixed_precision: str = field(
+    mixed_precision: Literal["no", "bf16"] = field(
         default="no",
         metadata={"help": "`bf16` runs the frozen models in bfloat16 and the student under autocast; `no` is "
                   "float32 throughout. fp16 is refused: T5 overflows in it."},
@@ -140,15 +151,12 @@ class TrainingConfig:
     seed: int = field(default=0, metadata={"help": "Seed of the data order, the noise, the guidance and the init."})
 
     # --- LoRA
-    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the student (0: train every weight)."})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA alpha (default: the rank)."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA branch."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q", "k", "v", "o", "wi_0", "wi_1", "wo"],
-        metadata={"help": "Student modules that get LoRA adapters (T5 attention and feed-forward names)."},
-    )
-    lora_train_projector: bool = field(
-        default=False, metadata={"help": "With LoRA, also train the projector fully (peft `modules_to_save`)."}
+    lora: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "peft `LoraConfig` arguments for adapters on the student, e.g. `{r: 8, lora_alpha: 8}`; "
+                  "`use_dora`, `use_rslora`, `target_modules` (default: T5's q, k, v, o, wi_0, wi_1, wo) and "
+                  "`modules_to_save: [final_projection]` (train the projector fully) work as in peft. Empty: train "
+                  "every weight. On the command line: `lora.r=8 lora.use_dora=true`."},
     )
 
     # --- outputs
@@ -162,40 +170,40 @@ class TrainingConfig:
     )
     eval_steps: int = field(default=250, metadata={"help": "Run the held-out evaluation every this many steps."})
     eval_guidance_scale: float = field(default=3.5, metadata={"help": "Guidance of the evaluation trajectories."})
-    report_to: str = field(
+    report_to: Literal["auto", "tensorboard", "none"] = field(
         default="auto", metadata={"help": "`tensorboard`, `none`, or `auto` (TensorBoard when it is installed)."}
     )
 
     def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
         for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
             # YAML reads `1e-4` (no dot) as a string.
-            if f.type in ("float", "float | None") and isinstance(getattr(self, f.name), str):
+            if float in _union_args(hints[f.name]) and isinstance(value, str):
                 try:
-                    setattr(self, f.name, float(getattr(self, f.name)))
+                    setattr(self, f.name, float(value))
                 except ValueError:
-                    raise ValueError(f"{f.name} must be a number, got {getattr(self, f.name)!r}.") from None
+                    raise ValueError(f"{f.name} must be a number, got {value!r}.") from None
         if self.mixed_precision is False:  # YAML reads a bare `no` as false
             self.mixed_precision = "no"
+        for f in dataclasses.fields(self):
+            if typing.get_origin(hints[f.name]) is not Literal:
+                continue
+            allowed = typing.get_args(hints[f.name])
+            if getattr(self, f.name) not in allowed:
+                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(map(repr, allowed))} "
+                                 f"({f.metadata['help']})")
         self.train_data = [_source(source) for source in self.train_data]
         self.eval_data = [_source(source) for source in self.eval_data]
-        choices = {
-            "objective": ("vision", "naive"),
-            "student_init": ("t5", "random", "distilled"),
-            "mixed_precision": ("no", "bf16"),
-            "report_to": ("auto", "tensorboard", "none"),
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                hint = " (fp16 overflows in T5's feed-forward; use bf16)" if getattr(self, name) == "fp16" else ""
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}{hint}.")
         for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps",
                      "checkpointing_steps", "eval_steps", "max_sequence_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if not self.guidance_scales:
             raise ValueError("guidance_scales must hold at least one value.")
-        if self.lora_rank and self.student_init == "random":
-            raise ValueError("LoRA on a randomly initialised student makes no sense: set lora_rank=0 or "
+        self.lora = check_lora(self.lora)
+        if self.lora and self.student_init == "random":
+            raise ValueError("LoRA on a randomly initialised student makes no sense: drop the lora block or set "
                              "student_init=t5 / distilled.")
 
     @property
@@ -206,11 +214,14 @@ class TrainingConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def save(self, folder: str | os.PathLike) -> Path:
-        """Write the resolved configuration to `folder/config.yaml`."""
-        path = Path(folder) / "config.yaml"
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
+    def save(self, folder: str | os.PathLike, name: str = CONFIG_NAME) -> Path:
+        """Write the resolved configuration to `folder/name` (default `config.yaml`), atomically."""
+        return write_text_atomically(Path(folder) / name, yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def _union_args(hint) -> tuple:
+    """`float | None` -> `(float, NoneType)`; a plain hint -> `(hint,)`."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
 
 
 def _source(source: PromptSource | dict | str) -> PromptSource:
@@ -241,8 +252,9 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str
     """Read a YAML config (a shipped name or a path) and apply `key=value` overrides on top.
 
     Values of overrides are parsed as YAML, so `max_steps=100`, `zero_pooled_embeds=true` and
-    `guidance_scales=[3.5]` have the types you expect. Relative prompt paths are resolved against the YAML file's
-    directory, or `data_root` when set.
+    `guidance_scales=[3.5]` have the types you expect; `lora.r=8` sets one entry of the `lora` block. Relative prompt
+    paths are resolved against the YAML file's directory, or `data_root` when set. The flat `lora_*` keys of earlier
+    versions are moved into the `lora` block, with a `FutureWarning` naming the new spelling.
 
     Args:
         name_or_path: A shipped config name or a YAML file.
@@ -254,7 +266,16 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str
         raise ValueError(f"{path}: a training config must be a YAML mapping of field names to values.")
     if not isinstance(overrides, dict):
         overrides = parse_overrides(overrides)
-    values.update(overrides)
+    for key, value in overrides.items():
+        head, dot, tail = key.partition(".")
+        if dot:  # `lora.r=8`: one entry of a mapping field
+            current = values.get(head) or {}
+            if not isinstance(current, dict):
+                raise ValueError(f"override {key}: {head} is not a mapping, so it has no entry {tail!r}.")
+            values[head] = {**current, tail: value}
+        else:
+            values[key] = value
+    move_flat_lora_keys(values)
     default_root = Path.cwd() if str(name_or_path) in SHIPPED_CONFIGS else path.parent
     _resolve_paths(values, Path(os.path.expanduser(values.get("data_root") or default_root)))
     known = {f.name for f in dataclasses.fields(TrainingConfig)}
@@ -279,7 +300,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 
 def _string_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(TrainingConfig) if f.type in ("str", "str | None")}
+    """Fields whose values are strings: plain, optional, or a `Literal` of strings."""
+    names = set()
+    for name, hint in typing.get_type_hints(TrainingConfig).items():
+        args = typing.get_args(hint) if typing.get_origin(hint) is Literal else _union_args(hint)
+        if str in args or all(isinstance(arg, str) for arg in args):
+            names.add(name)
+    return names
 
 
 def _resolve_paths(values: dict[str, Any], base: Path) -> None:

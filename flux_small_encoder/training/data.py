@@ -14,7 +14,7 @@ import math
 import random
 from pathlib import Path
 
-from .config import PromptSource
+from .config import PromptSource, TrainingConfig
 
 DEFAULT_COLUMN = "prompt"
 
@@ -120,6 +120,18 @@ def load_sources(sources: list[PromptSource], seed: int = 0) -> list[str]:
         mixed += prompts * whole
         mixed += rng.sample(prompts, math.floor(fraction * len(prompts)))
     return mixed
+
+
+def load_prompts(config: TrainingConfig) -> tuple[list[str], list[str]]:
+    """The run's training and held-out prompts: `eval_data` sampled, else `num_eval_prompts` held out of the training
+    prompts (and then absent from them)."""
+    train = load_sources(config.train_data, seed=config.seed)
+    if config.eval_data:
+        return train, sample_prompts(load_sources(config.eval_data, seed=config.seed), config.num_eval_prompts,
+                                     config.seed)
+    if config.num_eval_prompts:
+        return split_eval(train, config.num_eval_prompts, seed=config.seed)
+    return train, []
 
 
 def split_eval(prompts: list[str], count: int, seed: int = 0) -> tuple[list[str], list[str]]:

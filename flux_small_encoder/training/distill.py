@@ -111,6 +111,33 @@ class VisionDistillation(nn.Module):
         dt = self.sigmas[step_index + 1] - self.sigmas[step_index]
         return (trajectory.latents.float() + dt * teacher_pred.float()).to(teacher_pred.dtype)
 
+    @torch.no_grad()
+    def follow_teacher(self, trajectory: Trajectory, steps: int) -> None:
+        """Advance `trajectory` through its first `steps` timesteps with the teacher's predictions (to resume a
+        trajectory in its middle: the teacher's path does not depend on the student)."""
+        for step_index in range(steps):
+            teacher_pred = self.predict(trajectory, trajectory.teacher_embeds, step_index)
+            trajectory.latents = self.advance(trajectory, teacher_pred, step_index)
+
+    @torch.no_grad()
+    def trajectory_errors(self, trajectory: Trajectory, student_embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Follow the whole teacher trajectory, comparing the predictions with student and teacher embeddings.
+
+        Returns:
+            Per prompt, averaged over the timesteps: the MSE between the two predictions, and the same divided by
+            the teacher prediction's mean square (comparable across models).
+        """
+        steps = len(self.timesteps)
+        error, relative_error = 0, 0
+        for step_index in range(steps):
+            teacher_pred = self.predict(trajectory, trajectory.teacher_embeds, step_index)
+            student_pred = self.predict(trajectory, student_embeds, step_index)
+            step_error = per_sample_mse(student_pred, teacher_pred)
+            error = error + step_error / steps
+            relative_error = relative_error + step_error / teacher_pred.float().pow(2).flatten(1).mean(1) / steps
+            trajectory.latents = self.advance(trajectory, teacher_pred, step_index)
+        return error, relative_error
+
     def forward(self, student_embeds: torch.Tensor, trajectory: Trajectory, step_index: int) -> dict:
         """
         Args:
@@ -144,3 +171,12 @@ class NaiveDistillation(VisionDistillation):
     def forward(self, student_embeds: torch.Tensor, trajectory: Trajectory, step_index: int) -> dict:
         loss = F.mse_loss(student_embeds.float(), trajectory.teacher_embeds.float())
         return {"loss": loss, "next_latents": trajectory.latents}
+
+
+# `objective` in the config -> its module.
+OBJECTIVES = {"vision": VisionDistillation, "naive": NaiveDistillation}
+
+
+def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The mean squared difference of each sample, in float64."""
+    return (a.float() - b.float()).pow(2).flatten(1).mean(1).double()

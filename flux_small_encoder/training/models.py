@@ -1,12 +1,15 @@
-"""Loading what a run needs: the frozen FLUX parts, the teacher, the student (with or without LoRA).
+"""Where a run's models come from: the frozen FLUX parts, the teacher, the T5 tokenizer and the student.
 
-`model: tiny` / `student: tiny` build tiny random stand-ins in code (`flux_small_encoder.tiny`), so the `tiny` config
-and the tests run offline.
+The config names a model source in `model` (the frozen parts, the T5 tokenizer and, unless `teacher` is set, the
+teacher), in `teacher` and in `student`. A name in `BUILT_IN_SOURCES` (`tiny`: tiny random components built in code,
+see `flux_small_encoder.tiny`) picks that source; any other name is a Hub repo id or a folder of pretrained weights.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,18 +17,16 @@ from torch import nn
 from ..modeling import DistilledT5EncoderModel
 from .config import TrainingConfig
 
-TINY = "tiny"
-
 
 @dataclass
 class FrozenParts:
     """The pipeline parts that stay frozen: the transformer, its scheduler, CLIP and both tokenizers."""
 
     transformer: nn.Module
-    scheduler: object
+    scheduler: Any
     text_encoder: nn.Module
-    tokenizer: object
-    tokenizer_2: object
+    tokenizer: Any
+    tokenizer_2: Any
     vae_scale_factor: int
 
     @property
@@ -33,58 +34,151 @@ class FrozenParts:
         """The width of the T5 embeddings the transformer reads (FLUX.1: 4096)."""
         return self.transformer.config.joint_attention_dim
 
+    def freeze(self, device: torch.device | str, dtype: torch.dtype) -> FrozenParts:
+        """Put the transformer and CLIP in eval mode without gradients, on `device`, in `dtype`; returns self."""
+        for module in (self.transformer, self.text_encoder):
+            module.requires_grad_(False).eval().to(device)
+            if module.dtype != dtype:  # diffusers warns on any dtype cast, even to the dtype a model already has
+                module.to(dtype)
+        return self
 
-def load_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenParts:
-    """The transformer, scheduler, CLIP text encoder and tokenizers of `config.model`, frozen, in `dtype`."""
-    if config.model == TINY:
-        from ..tiny import tiny_flux_components
 
-        parts = tiny_flux_components(seed=0)
-        vae_scale_factor = 2 ** (len(parts["vae"].config.block_out_channels) - 1)
-    else:
-        from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-        from transformers import AutoTokenizer, CLIPTextModel
+@dataclass(frozen=True)
+class ModelSource:
+    """How the models of a run are built from one kind of name in the config.
 
-        kwargs = {"revision": config.revision}
-        parts = {
-            "transformer": FluxTransformer2DModel.from_pretrained(
-                config.model, subfolder="transformer", dtype=dtype, **kwargs
-            ),
-            "scheduler": FlowMatchEulerDiscreteScheduler.from_pretrained(
-                config.model, subfolder="scheduler", **kwargs
-            ),
-            "text_encoder": CLIPTextModel.from_pretrained(
-                config.model, subfolder="text_encoder", dtype=dtype, **kwargs
-            ),
-            "tokenizer": AutoTokenizer.from_pretrained(config.model, subfolder="tokenizer", **kwargs),
-            "tokenizer_2": load_t5_tokenizer(config),
-        }
-        # Only the VAE's config is needed: the latent grid is 2 ** (levels - 1) times smaller than the image.
-        vae_config = AutoencoderKL.load_config(config.model, subfolder="vae", **kwargs)
-        vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)
-    for name in ("transformer", "text_encoder"):
-        parts[name].requires_grad_(False).eval()
-        if parts[name].dtype != dtype:
-            parts[name].to(dtype)
+    Args:
+        frozen_parts: `(config, dtype)` -> the `FrozenParts` of `config.model`.
+        teacher: `(config, dtype)` -> the teacher T5 encoder: `config.teacher`, else the pipeline's `text_encoder_2`.
+        t5_tokenizer: `config` -> the pipeline's T5 tokenizer (`tokenizer_2`), shared by teacher and student.
+        student_t5: `config` -> the T5 encoder a new student starts from: pretrained weights with
+            `student_init=t5`, the same architecture with random weights with `student_init=random`.
+    """
+
+    frozen_parts: Callable[[TrainingConfig, torch.dtype], FrozenParts]
+    teacher: Callable[[TrainingConfig, torch.dtype], nn.Module]
+    t5_tokenizer: Callable[[TrainingConfig], Any]
+    student_t5: Callable[[TrainingConfig], nn.Module]
+
+
+# --- pretrained weights: a Hub repo id or a folder ------------------------------------------------------------------
+
+
+def _pretrained_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenParts:
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    name, kwargs = config.model, {"revision": config.revision}
+    # Only the VAE's config is needed: the latent grid is 2 ** (levels - 1) times smaller than the image.
+    vae_config = AutoencoderKL.load_config(name, subfolder="vae", **kwargs)
+    return FrozenParts(
+        transformer=FluxTransformer2DModel.from_pretrained(name, subfolder="transformer", dtype=dtype, **kwargs),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler", **kwargs),
+        text_encoder=CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype, **kwargs),
+        tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kwargs),
+        tokenizer_2=_pretrained_t5_tokenizer(config),
+        vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+    )
+
+
+def _pretrained_teacher(config: TrainingConfig, dtype: torch.dtype) -> nn.Module:
+    from transformers import T5EncoderModel
+
+    if config.teacher:
+        return T5EncoderModel.from_pretrained(config.teacher, dtype=dtype)
+    return T5EncoderModel.from_pretrained(config.model, subfolder="text_encoder_2", revision=config.revision,
+                                          dtype=dtype)
+
+
+def _pretrained_t5_tokenizer(config: TrainingConfig):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model, subfolder="tokenizer_2", revision=config.revision)
+
+
+def _pretrained_student_t5(config: TrainingConfig) -> nn.Module:
+    from transformers import T5Config, T5EncoderModel
+
+    if config.student_init == "random":
+        return T5EncoderModel(T5Config.from_pretrained(config.student))
+    return T5EncoderModel.from_pretrained(config.student, dtype=torch.float32)
+
+
+PRETRAINED = ModelSource(
+    frozen_parts=_pretrained_frozen_parts,
+    teacher=_pretrained_teacher,
+    t5_tokenizer=_pretrained_t5_tokenizer,
+    student_t5=_pretrained_student_t5,
+)
+
+
+# --- tiny random components built in code (offline smoke runs and tests) --------------------------------------------
+
+
+def _tiny_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenParts:
+    from ..tiny import tiny_flux_components
+
+    parts = tiny_flux_components(seed=0)
     return FrozenParts(
         transformer=parts["transformer"],
         scheduler=parts["scheduler"],
         text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"],
         tokenizer_2=parts["tokenizer_2"],
-        vae_scale_factor=vae_scale_factor,
+        vae_scale_factor=2 ** (len(parts["vae"].config.block_out_channels) - 1),
     )
+
+
+def _tiny_teacher(config: TrainingConfig, dtype: torch.dtype) -> nn.Module:
+    from ..tiny import tiny_teacher
+
+    return tiny_teacher(seed=0)
+
+
+def _tiny_t5_tokenizer(config: TrainingConfig):
+    from ..tiny import tiny_t5_tokenizer
+
+    return tiny_t5_tokenizer()
+
+
+def _tiny_student_t5(config: TrainingConfig) -> nn.Module:
+    from ..tiny import tiny_student_t5
+
+    return tiny_student_t5(seed=config.seed)  # random whatever `student_init` says: tiny has no pretrained weights
+
+
+BUILT_IN_SOURCES: dict[str, ModelSource] = {
+    "tiny": ModelSource(
+        frozen_parts=_tiny_frozen_parts,
+        teacher=_tiny_teacher,
+        t5_tokenizer=_tiny_t5_tokenizer,
+        student_t5=_tiny_student_t5,
+    ),
+}
+
+
+def model_source(name: str) -> ModelSource:
+    """The built-in source called `name`, else the source of pretrained weights (a Hub repo id or a folder)."""
+    return BUILT_IN_SOURCES.get(name, PRETRAINED)
+
+
+# --- what the trainer calls -----------------------------------------------------------------------------------------
+
+
+def load_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenParts:
+    """The transformer, scheduler, CLIP text encoder and tokenizers of `config.model`."""
+    return model_source(config.model).frozen_parts(config, dtype)
+
+
+def load_teacher(config: TrainingConfig, dtype: torch.dtype) -> nn.Module:
+    """The frozen teacher T5 encoder, in `dtype`: `config.teacher`, else the pipeline's `text_encoder_2`."""
+    teacher = model_source(config.teacher or config.model).teacher(config, dtype)
+    return teacher.requires_grad_(False).eval().to(dtype)
 
 
 def load_t5_tokenizer(config: TrainingConfig):
     """The pipeline's T5 tokenizer (`tokenizer_2`), which the teacher and the student share."""
-    if config.model == TINY:
-        from ..tiny import tiny_t5_tokenizer
-
-        return tiny_t5_tokenizer()
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(config.model, subfolder="tokenizer_2", revision=config.revision)
+    return model_source(config.model).t5_tokenizer(config)
 
 
 def teacher_name(config: TrainingConfig) -> str:
@@ -92,25 +186,7 @@ def teacher_name(config: TrainingConfig) -> str:
     if config.teacher:
         return config.teacher
     revision = f"@{config.revision}" if config.revision else ""
-    return TINY if config.model == TINY else f"{config.model}/text_encoder_2{revision}"
-
-
-def load_teacher(config: TrainingConfig, dtype: torch.dtype) -> nn.Module:
-    """The frozen teacher T5 encoder: `config.teacher`, else the pipeline's `text_encoder_2`."""
-    if config.model == TINY and not config.teacher:
-        from ..tiny import tiny_teacher
-
-        teacher = tiny_teacher(seed=0)
-    else:
-        from transformers import T5EncoderModel
-
-        if config.teacher:
-            teacher = T5EncoderModel.from_pretrained(config.teacher, dtype=dtype)
-        else:
-            teacher = T5EncoderModel.from_pretrained(
-                config.model, subfolder="text_encoder_2", revision=config.revision, dtype=dtype
-            )
-    return teacher.requires_grad_(False).eval().to(dtype)
+    return f"{config.model}/text_encoder_2{revision}"
 
 
 def build_student(config: TrainingConfig, width: int) -> DistilledT5EncoderModel:
@@ -119,8 +195,6 @@ def build_student(config: TrainingConfig, width: int) -> DistilledT5EncoderModel
     `student_init`: `t5` starts from the pretrained T5 encoder `config.student` plus a fresh projector, `random`
     builds the same architecture with random weights, `distilled` loads a distilled encoder to continue from.
     """
-    from transformers import T5EncoderModel
-
     if config.student_init == "distilled":
         from ..registry import load_encoder
 
@@ -129,34 +203,17 @@ def build_student(config: TrainingConfig, width: int) -> DistilledT5EncoderModel
             raise ValueError(f"the student {config.student!r} produces {student.config.project_out_dim}-wide "
                              f"embeddings but the transformer reads {width}.")
         return student
-    if config.student == TINY:
-        from ..tiny import tiny_t5_config
-
-        torch.manual_seed(config.seed)
-        t5 = T5EncoderModel(tiny_t5_config(d_model=32, d_kv=8))
-    elif config.student_init == "random":
-        from transformers import T5Config
-
-        t5 = T5EncoderModel(T5Config.from_pretrained(config.student))
-    else:
-        t5 = T5EncoderModel.from_pretrained(config.student, dtype=torch.float32)
+    t5 = model_source(config.student).student_t5(config)
     torch.manual_seed(config.seed)
     student = DistilledT5EncoderModel.from_t5_encoder(t5, width, projector_dropout=config.projector_dropout)
     return student.float()
 
 
-def add_lora(student: DistilledT5EncoderModel, config: TrainingConfig) -> nn.Module:
-    """Wrap the student in peft LoRA adapters on `config.lora_target_modules` (all other weights frozen)."""
+def add_lora(student: nn.Module, lora: dict[str, Any]) -> nn.Module:
+    """Wrap the student in peft adapters made by `LoraConfig(**lora)` (every other weight frozen)."""
     from peft import LoraConfig, get_peft_model
 
-    lora_config = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha or config.lora_rank,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
-        modules_to_save=["final_projection"] if config.lora_train_projector else None,
-    )
-    return get_peft_model(student, lora_config)
+    return get_peft_model(student, LoraConfig(**lora))
 
 
 def tokenize_t5(tokenizer, prompts: list[str], max_length: int) -> torch.Tensor:

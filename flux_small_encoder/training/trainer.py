@@ -1,53 +1,41 @@
 """The training loop: `setup`, `train`, `save_checkpoint`, `cleanup`, read top to bottom.
 
 One batch of prompts gives `num_inference_steps` optimizer steps (one per timestep of the teacher's trajectory). Its
-teacher embeddings are computed once (or read from the cache), not once per timestep.
-
-Everything random is a function of `(seed, position)`: the prompts at a position of the stream, the noise and the
-guidance of each prompt. So a resumed run continues bit for bit, and N processes see the prompts and noise that one
-process with an N times larger batch would.
+teacher embeddings are computed once (or read from the cache), not once per timestep. What a batch holds is in
+`batch.py`, where the models come from in `models.py`, and what a checkpoint holds in `checkpointing.py`.
 """
 
 from __future__ import annotations
 
-import copy
 import json
-import logging
 import math
-import os
-import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import yaml
+from torch import nn
 
-from ..private_api import latent_image_ids, pack_latents, reset_accelerate_state
+from ..atomic import atomic_folder
 from ..torch_utils import precision_dtype
+from .accelerator import init_trackers, make_accelerator
+from .batch import TrajectoryMaker, micro_batch_positions
 from .cache import TeacherCache
+from .checkpointing import (
+    METRICS_NAME,
+    checkpoint_folder,
+    find_resume_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_student,
+    truncate_metrics,
+    write_checkpoint_files,
+)
 from .config import TrainingConfig
-from .data import PromptStream, load_sources, sample_prompts, split_eval
-from .distill import NaiveDistillation, Trajectory, VisionDistillation, flux_schedule
-from .models import (
-    add_lora,
-    build_student,
-    clip_pooled_embeds,
-    load_frozen_parts,
-    load_teacher,
-    teacher_name,
-    tokenize_t5,
-)
-
-logger = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "checkpoint-"
-# Fields that decide the prompts, noise, guidance and loss of each step.
-_RESUME_FIELDS = (
-    "seed", "train_data", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps", "resolution",
-    "guidance_scales", "max_sequence_length", "objective", "zero_pooled_embeds", "model", "student",
-)
-METRICS_NAME = "metrics.jsonl"
-STATE_NAME = "trainer_state.json"
+from .data import PromptStream, load_prompts
+from .distill import OBJECTIVES, Trajectory, flux_schedule, per_sample_mse
+from .models import FrozenParts, add_lora, build_student, load_frozen_parts, load_teacher, teacher_name
 
 
 class TrainingDivergedError(RuntimeError):
@@ -59,6 +47,10 @@ class DistillationTrainer:
 
     Args:
         config: The run's configuration (see `TrainingConfig`).
+        frozen: The frozen FLUX parts to use instead of loading `config.model`'s.
+        teacher: The teacher T5 encoder to use instead of loading one (not with `config.teacher_cache`).
+        student: The student to train instead of building one from `config.student` (`config.lora` still wraps it
+            in adapters).
 
     Example:
 
@@ -71,96 +63,93 @@ class DistillationTrainer:
     ```
     """
 
-    def __init__(self, config: TrainingConfig):
+    def __init__(
+        self,
+        config: TrainingConfig,
+        *,
+        frozen: FrozenParts | None = None,
+        teacher: nn.Module | None = None,
+        student: nn.Module | None = None,
+    ):
+        if teacher is not None and config.teacher_cache:
+            raise ValueError("a teacher was handed in and teacher_cache is set: give one source of teacher "
+                             "embeddings, not both.")
         self.config = config
         self.output_dir = Path(config.output_dir)
+        self.frozen, self.teacher, self.student = frozen, teacher, student
         self.step = 0
 
     # --- setup ------------------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
-        from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        self.accelerator = make_accelerator(self.config)
+        self.setup_data()
+        self.setup_models()
+        self.setup_optimizer()
+        self.start_time = time.perf_counter()
+
+    def setup_data(self) -> None:
+        """Read every prompt file (a malformed one fails before any model loads) and find the checkpoint to resume."""
+        train_prompts, self.eval_prompts = load_prompts(self.config)
+        self.stream = PromptStream(train_prompts, seed=self.config.seed)
+        self.resume_path = find_resume_checkpoint(self.config)
+
+    def setup_models(self) -> None:
+        """The frozen parts, the teacher (or its cache), the student and the objective: built unless handed in."""
+        cfg, device = self.config, self.accelerator.device
+        self.dtype = precision_dtype(cfg.mixed_precision)
+        if self.frozen is None:
+            self.frozen = load_frozen_parts(cfg, self.dtype)
+        self.frozen.freeze(device, self.dtype)
+        if cfg.gradient_checkpointing:
+            self.frozen.transformer.enable_gradient_checkpointing()
+
+        if cfg.teacher_cache:
+            teacher = TeacherCache(cfg.teacher_cache, teacher=teacher_name(cfg))
+        else:
+            if self.teacher is None:
+                self.teacher = load_teacher(cfg, self.dtype)
+            teacher = self.teacher.requires_grad_(False).eval().to(device, self.dtype)
+        self.trajectories = TrajectoryMaker(cfg, self.frozen, teacher, device, self.dtype)
+        if cfg.teacher_cache:  # every prompt must be cached: nothing is silently recomputed
+            teacher.check_covers(self.stream.prompts + self.eval_prompts, self.trajectories.tokenize)
+
+        if self.student is None:
+            self.student = build_student(cfg, self.frozen.width)
+        if cfg.lora:
+            self.student = add_lora(self.student, cfg.lora)
+        self.student.train()
+
+        # The schedule FluxPipeline samples with at this resolution, and the objective.
+        _, height, width = self.trajectories.latent_shape
+        timesteps, sigmas = flux_schedule(self.frozen.scheduler, cfg.num_inference_steps, height * width // 4)
+        self.objective = OBJECTIVES[cfg.objective](self.frozen.transformer, timesteps, sigmas).to(device)
+        # Held-out teacher embeddings, computed once.
+        eval_ids = self.trajectories.tokenize(self.eval_prompts) if self.eval_prompts else None
+        self.eval_teacher_embeds = None if eval_ids is None else self.trajectories.teacher_embeds(eval_ids).cpu()
+
+    def setup_optimizer(self) -> None:
+        """AdamW over the student's trainable parameters and its schedule, prepared; restored when resuming."""
         from diffusers.optimization import get_scheduler
 
         cfg = self.config
-        # accelerate keeps its state per process; a second run in one process (a notebook, the tests) may use
-        # another precision or accumulation.
-        reset_accelerate_state()
-        # Under torchrun on a machine without GPUs, accelerate only forms a (gloo) process group when told `cpu`.
-        no_gpu_ddp = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
-        self.accelerator = Accelerator(
-            cpu=no_gpu_ddp,
-            mixed_precision=cfg.mixed_precision,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            log_with=self._trackers() or None,
-            project_dir=str(self.output_dir),
-        )
-        set_seed(cfg.seed)
-        self.dtype = precision_dtype(cfg.mixed_precision)
-
-        # Data first: a malformed prompt file fails before any model is loaded.
-        train_prompts = load_sources(cfg.train_data, seed=cfg.seed)
-        if cfg.eval_data:
-            eval_prompts = sample_prompts(load_sources(cfg.eval_data, seed=cfg.seed), cfg.num_eval_prompts, cfg.seed)
-        elif cfg.num_eval_prompts:
-            train_prompts, eval_prompts = split_eval(train_prompts, cfg.num_eval_prompts, seed=cfg.seed)
-        else:
-            eval_prompts = []
-        self.stream = PromptStream(train_prompts, seed=cfg.seed)
-        self.eval_prompts = eval_prompts
-        resume_path = self._find_resume_checkpoint()
-
-        # Frozen parts, teacher (or its cache) and student.
-        device = self.accelerator.device
-        self.frozen = load_frozen_parts(cfg, self.dtype)
-        self.frozen.transformer.to(device)
-        self.frozen.text_encoder.to(device)
-        if cfg.gradient_checkpointing:
-            self.frozen.transformer.enable_gradient_checkpointing()
-        if cfg.teacher_cache:
-            self.teacher = None
-            self.cache = TeacherCache(cfg.teacher_cache, teacher=teacher_name(cfg))
-            self._check_cache_covers(train_prompts + eval_prompts)
-        else:
-            self.cache = None
-            self.teacher = load_teacher(cfg, self.dtype).to(device)
-        student = build_student(cfg, self.frozen.width)
-        if cfg.lora_rank:
-            student = add_lora(student, cfg)
-        student.train()
-
-        # The schedule FluxPipeline samples with at this resolution, and the objective.
-        height = 2 * (cfg.resolution // (self.frozen.vae_scale_factor * 2))
-        self.latent_shape = (self.frozen.transformer.config.in_channels // 4, height, height)
-        timesteps, sigmas = flux_schedule(self.frozen.scheduler, cfg.num_inference_steps, (height // 2) ** 2)
-        objective_cls = VisionDistillation if cfg.objective == "vision" else NaiveDistillation
-        self.objective = objective_cls(self.frozen.transformer, timesteps, sigmas).to(device)
-
-        # Optimizer over the student's trainable parameters only; the schedule steps once per optimizer step.
-        self.trainable = [p for p in student.parameters() if p.requires_grad]
+        self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             self.trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
         )
+        # The schedule steps once per optimizer step.
         self.lr_scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
             num_training_steps=cfg.max_steps,
         )
-        self.student, self.optimizer = self.accelerator.prepare(student, optimizer)
+        self.student, self.optimizer = self.accelerator.prepare(self.student, optimizer)
         self.accelerator.register_for_checkpointing(self.lr_scheduler)
-
-        # Held-out teacher embeddings, computed once.
-        self.eval_teacher_embeds = self._teacher_embeds(self._tokenize(eval_prompts)).cpu() if eval_prompts else None
-
-        if resume_path is not None:
-            self._resume(resume_path)
-        if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            cfg.save(self.output_dir)
-        if self.accelerator.trackers == [] and self._trackers():
-            self.accelerator.init_trackers("tensorboard", config=_flat(cfg.to_dict()))
-        self.start_time = time.perf_counter()
+        if self.resume_path is not None:
+            self.step = load_checkpoint(self.accelerator, self.resume_path, cfg)
+            if self.accelerator.is_main_process:
+                truncate_metrics(self.output_dir / METRICS_NAME, self.step)
+            self.accelerator.print(f"resumed from {self.resume_path} at step {self.step}")
 
     # --- train ------------------------------------------------------------------------------------------------------
 
@@ -169,7 +158,10 @@ class DistillationTrainer:
         from tqdm.auto import tqdm
 
         cfg = self.config
-        steps_per_batch = cfg.steps_per_batch
+        # The run's record: its resolved config beside its outputs, and the trackers.
+        if self.accelerator.is_main_process:
+            cfg.save(self.output_dir)
+        init_trackers(self.accelerator, cfg)
         progress = tqdm(
             total=cfg.max_steps, initial=self.step, desc="distill", disable=not self.accelerator.is_local_main_process
         )
@@ -178,13 +170,14 @@ class DistillationTrainer:
 
         while self.step < cfg.max_steps:
             # A new batch: its prompts, teacher embeddings, noise and guidance, one trajectory per micro-batch.
-            group = self.step // steps_per_batch
-            trajectories = [self.make_trajectory(group, j) for j in range(cfg.gradient_accumulation_steps)]
-            first = self.step % steps_per_batch
+            group, first = divmod(self.step, cfg.steps_per_batch)
+            trajectories = [self.make_trajectory(group, micro) for micro in range(cfg.gradient_accumulation_steps)]
             # Resuming mid-trajectory: the teacher's path does not depend on the student, so it is replayed.
-            self._replay(trajectories, first)
+            with self.accelerator.autocast():
+                for trajectory in trajectories:
+                    self.objective.follow_teacher(trajectory, first)
 
-            for step_index in range(first, steps_per_batch):
+            for step_index in range(first, cfg.steps_per_batch):
                 # One optimizer step at this timestep; then the latents advance with the teacher's prediction.
                 metrics = self.training_step(trajectories, step_index)
                 self.step += 1
@@ -204,12 +197,10 @@ class DistillationTrainer:
 
     def make_trajectory(self, group: int, micro: int) -> Trajectory:
         """The micro-batch `micro` of batch `group` on this process, at the start of its trajectory."""
-        cfg = self.config
-        size = cfg.train_batch_size
-        start = ((group * cfg.gradient_accumulation_steps + micro) * self.accelerator.num_processes
-                 + self.accelerator.process_index) * size
-        prompts = self.stream.take(start, size)
-        return self._trajectory(prompts, list(range(start, start + size)), guidance=None)
+        positions = micro_batch_positions(
+            self.config, group, micro, self.accelerator.process_index, self.accelerator.num_processes
+        )
+        return self.trajectories.make_trajectory(self.stream.take(positions.start, len(positions)), positions)
 
     def training_step(self, trajectories: list[Trajectory], step_index: int) -> dict:
         """Forward and backward on every micro-batch at `step_index`, then one optimizer step on the student."""
@@ -225,8 +216,8 @@ class DistillationTrainer:
         loss = self.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
         if not math.isfinite(loss):
             self.optimizer.zero_grad()
-            last = self._checkpoints()[-1] if self._checkpoints() else None
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            checkpoints = list_checkpoints(self.output_dir)
+            kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
             raise TrainingDivergedError(
                 f"the loss is {loss} at step {self.step + 1}; training stopped before applying that update and "
                 f"{kept}. Lower learning_rate (now {self.config.learning_rate}), use lr_warmup_steps, or check the "
@@ -267,20 +258,15 @@ class DistillationTrainer:
         mine = list(range(rank, len(self.eval_prompts), world))
         for start in range(0, len(mine), cfg.train_batch_size):
             indices = mine[start : start + cfg.train_batch_size]
-            trajectory = self._trajectory(
+            trajectory = self.trajectories.make_trajectory(
                 [self.eval_prompts[i] for i in indices], indices, guidance=cfg.eval_guidance_scale,
                 teacher_embeds=self.eval_teacher_embeds[indices], eval_noise=True,
             )
             with self.accelerator.autocast():
                 student_embeds = student(trajectory.input_ids, output_hidden_states=False)[0]
-            totals[2] += _per_sample_mse(student_embeds, trajectory.teacher_embeds).sum()
-            for step_index in range(cfg.num_inference_steps):
-                teacher_pred = self.objective.predict(trajectory, trajectory.teacher_embeds, step_index)
-                student_pred = self.objective.predict(trajectory, student_embeds, step_index)
-                error = _per_sample_mse(student_pred, teacher_pred)
-                totals[0] += error.sum() / cfg.num_inference_steps
-                totals[1] += (error / teacher_pred.float().pow(2).flatten(1).mean(1)).sum() / cfg.num_inference_steps
-                trajectory.latents = self.objective.advance(trajectory, teacher_pred, step_index)
+            embedding_error = per_sample_mse(student_embeds, trajectory.teacher_embeds)
+            error, relative_error = self.objective.trajectory_errors(trajectory, student_embeds)
+            totals[:3] += torch.stack([error.sum(), relative_error.sum(), embedding_error.sum()])
             totals[3] += len(indices)
         totals = self.accelerator.reduce(totals, "sum")
         student.train()
@@ -303,26 +289,24 @@ class DistillationTrainer:
     # --- checkpoints ------------------------------------------------------------------------------------------------
 
     def save_checkpoint(self) -> Path:
-        """Write `output_dir/checkpoint-STEP` atomically: into a temporary folder, renamed when complete.
+        """Write `output_dir/checkpoint-STEP` (see `checkpointing.py`) atomically, then prune old checkpoints.
 
-        It holds `student/` (a `save_pretrained` folder that `patch_encoder` loads), `adapter/` with LoRA (a peft
-        adapter folder), `state/` (accelerate's optimizer, scheduler and RNG states) and `trainer_state.json`.
+        A checkpoint of the same step left by an abandoned run is moved aside when the new one is complete.
         """
-        folder = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
-        staging = self.output_dir / f".{folder.name}.tmp"
-        if self.accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(str(staging / "state"))
-        if self.accelerator.is_main_process:
-            self._save_student(staging)
-            self.config.save(staging)
-            (staging / STATE_NAME).write_text(json.dumps({"step": self.step}))
-            if folder.exists():  # a checkpoint of an abandoned run at the same step
-                shutil.rmtree(folder)
-            staging.rename(folder)
-            self._prune_checkpoints()
+        from accelerate.utils import broadcast_object_list
+
+        folder = checkpoint_folder(self.output_dir, self.step)
+        main = self.accelerator.is_main_process
+        with atomic_folder(folder, replace=True) if main else nullcontext() as staging:
+            # Every process writes its RNG state into the main process's staging folder.
+            staging = broadcast_object_list([staging])[0]
+            self.accelerator.save_state(str(staging / "state"))
+            if main:
+                student = self.accelerator.unwrap_model(self.student)
+                write_checkpoint_files(staging, student, self.config, self.step)
+            self.accelerator.wait_for_everyone()
+        if main:
+            prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return folder
 
@@ -330,74 +314,18 @@ class DistillationTrainer:
         """Write `output_dir/final`: the student's `save_pretrained` folder (plus `adapter/` with LoRA)."""
         final = self.output_dir / "final"
         if self.accelerator.is_main_process:
-            staging = self.output_dir / ".final.tmp"
-            shutil.rmtree(staging, ignore_errors=True)
-            self._save_student(staging, student_folder=staging)
-            if final.exists():
-                shutil.rmtree(final)
-            staging.rename(final)
+            with atomic_folder(final, replace=True) as staging:
+                student = self.accelerator.unwrap_model(self.student)
+                save_student(student, staging, self.config, adapter_folder=staging / "adapter")
         self.accelerator.wait_for_everyone()
         return final
-
-    def _save_student(self, folder: Path, student_folder: Path | None = None) -> None:
-        student = self.accelerator.unwrap_model(self.student)
-        if self.config.lora_rank:
-            student.save_pretrained(folder / "adapter")
-            student = copy.deepcopy(student).merge_and_unload()
-        student.save_pretrained(student_folder or folder / "student")
-
-    def _checkpoints(self) -> list[Path]:
-        found = [p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_NAME).is_file()]
-        return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
-
-    def _prune_checkpoints(self) -> None:
-        limit = self.config.checkpoints_total_limit
-        if limit:
-            for old in self._checkpoints()[:-limit]:
-                shutil.rmtree(old)
-
-    def _find_resume_checkpoint(self) -> Path | None:
-        choice = self.config.resume_from_checkpoint
-        if choice is None:
-            if self.output_dir.is_dir() and self._checkpoints():
-                raise FileExistsError(
-                    f"{self.output_dir} holds checkpoints of an earlier run: continue it with "
-                    "resume_from_checkpoint=latest, or give a new output_dir (nothing was overwritten)."
-                )
-            return None
-        path = Path(choice)
-        if choice == "latest":
-            found = self._checkpoints() if self.output_dir.is_dir() else []
-            if not found:
-                raise FileNotFoundError(f"resume_from_checkpoint=latest: no checkpoint in {self.output_dir}.")
-            path = found[-1]
-        if not (path / STATE_NAME).is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint of this trainer (no {STATE_NAME}).")
-        return path
-
-    def _resume(self, path: Path) -> None:
-        self.accelerator.load_state(str(path / "state"))
-        self.step = json.loads((path / STATE_NAME).read_text())["step"]
-        if (path / "config.yaml").is_file():
-            # Resuming continues exactly only if the data order, noise and objective are the same.
-            saved = yaml.safe_load((path / "config.yaml").read_text())
-            changed = sorted(k for k in _RESUME_FIELDS if saved.get(k) != self.config.to_dict().get(k))
-            if changed:
-                logger.warning(f"resuming {path} with other values of {changed}: the run continues, but not as "
-                               "the interrupted one would have.")
-        # Metrics logged after the checkpoint by the interrupted run are dropped: this run logs those steps again.
-        metrics = self.output_dir / METRICS_NAME
-        if self.accelerator.is_main_process and metrics.is_file():
-            kept = [line for line in metrics.read_text().splitlines() if json.loads(line)["step"] <= self.step]
-            metrics.write_text("".join(line + "\n" for line in kept))
-        self.accelerator.print(f"resumed from {path} at step {self.step}")
 
     # --- cleanup ----------------------------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
-        self.accelerator.end_training()
         from diffusers.training_utils import free_memory
 
+        self.accelerator.end_training()
         free_memory()
 
     # --- helpers ----------------------------------------------------------------------------------------------------
@@ -406,88 +334,6 @@ class DistillationTrainer:
     def _global_batch(self) -> int:
         cfg = self.config
         return cfg.train_batch_size * cfg.gradient_accumulation_steps * self.accelerator.num_processes
-
-    def _trackers(self) -> list[str]:
-        if self.config.report_to == "none":
-            return []
-        from accelerate.utils import is_tensorboard_available
-
-        if self.config.report_to == "tensorboard" and not is_tensorboard_available():
-            raise ImportError("report_to=tensorboard needs TensorBoard: pip install tensorboard (or report_to=none).")
-        return ["tensorboard"] if is_tensorboard_available() else []
-
-    def _tokenize(self, prompts: list[str]) -> torch.Tensor:
-        return tokenize_t5(self.frozen.tokenizer_2, prompts, self.config.max_sequence_length)
-
-    @torch.no_grad()
-    def _teacher_embeds(self, input_ids: torch.Tensor) -> torch.Tensor:
-        device = self.accelerator.device
-        if self.cache is not None:
-            return self.cache(input_ids).to(device, self.dtype)
-        embeds = []
-        for chunk in input_ids.split(self.config.train_batch_size):
-            embeds.append(self.teacher(chunk.to(device), output_hidden_states=False)[0])
-        return torch.cat(embeds).to(self.dtype)
-
-    def _trajectory(
-        self, prompts: list[str], positions: list[int], guidance: float | None,
-        teacher_embeds: torch.Tensor | None = None, eval_noise: bool = False,
-    ) -> Trajectory:
-        """Tokens, teacher embeddings, pooled embeddings, noise and guidance for prompts at these positions."""
-        cfg, device = self.config, self.accelerator.device
-        input_ids = self._tokenize(prompts)
-        if teacher_embeds is None:
-            teacher_embeds = self._teacher_embeds(input_ids)
-        if cfg.zero_pooled_embeds:
-            pooled = torch.zeros(len(prompts), self.frozen.transformer.config.pooled_projection_dim)
-        else:
-            pooled = clip_pooled_embeds(self.frozen.text_encoder, self.frozen.tokenizer, prompts)
-        channels, height, width = self.latent_shape
-        noise, scales = [], []
-        for position in positions:
-            # Each prompt's noise and guidance depend on (seed, position) only.
-            generator = torch.Generator().manual_seed((cfg.seed * 1_000_003 + position) * 2 + int(eval_noise))
-            noise.append(torch.randn(self.latent_shape, generator=generator))
-            index = torch.randint(len(cfg.guidance_scales), (1,), generator=generator).item()
-            scales.append(cfg.guidance_scales[index] if guidance is None else guidance)
-        latents = pack_latents(torch.stack(noise), len(prompts), channels, height, width)
-        latent_ids = latent_image_ids(len(prompts), height // 2, width // 2, device, self.dtype)
-        has_guidance = self.frozen.transformer.config.guidance_embeds
-        return Trajectory(
-            prompts=prompts,
-            input_ids=input_ids.to(device),
-            teacher_embeds=teacher_embeds.to(device, self.dtype),
-            pooled_embeds=pooled.to(device, self.dtype),
-            latents=latents.to(device, self.dtype),
-            latent_ids=latent_ids,
-            guidance=torch.tensor(scales, device=device, dtype=torch.float32) if has_guidance else None,
-        )
-
-    @torch.no_grad()
-    def _replay(self, trajectories: list[Trajectory], steps: int) -> None:
-        with self.accelerator.autocast():
-            for step_index in range(steps):
-                for trajectory in trajectories:
-                    teacher_pred = self.objective.predict(trajectory, trajectory.teacher_embeds, step_index)
-                    trajectory.latents = self.objective.advance(trajectory, teacher_pred, step_index)
-
-    def _check_cache_covers(self, prompts: list[str]) -> None:
-        distinct = list(dict.fromkeys(prompts))
-        missing = [p for p, ids in zip(distinct, self._tokenize(distinct), strict=True) if ids not in self.cache]
-        if missing:
-            raise ValueError(
-                f"{len(missing)} of {len(distinct)} prompts are not in the teacher cache {self.config.teacher_cache} "
-                f"(first: {missing[0]!r}): write the cache with the same config (`flux-small-encoder cache-teacher`)."
-            )
-
-
-def _per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1).double()
-
-
-def _flat(values: dict) -> dict:
-    """Config values TensorBoard's hparams accept (numbers, strings, booleans)."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in values.items()}
 
 
 def train(config: TrainingConfig) -> Path:
