@@ -85,7 +85,7 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
     except Exception as error:
         if is_known_error(error):
-            print(f"error: {_from_where(error)}{one_line(error)}", file=sys.stderr)
+            print(f"error: {_library_prefix(error)}{one_line(error)}", file=sys.stderr)
             return 2
         print(
             f"error: unexpected {type(error).__name__}: {one_line(error)} (run again with --traceback to see where "
@@ -110,16 +110,16 @@ def is_known_error(error: BaseException) -> bool:
 
 def _raised_by_the_package(error: BaseException) -> bool:
     """Whether the innermost frame of `error`'s traceback is library code of this package (not the CLI's own)."""
-    frame = error.__traceback__
-    if frame is None:
+    last = error.__traceback__
+    if last is None:
         return False
-    while frame.tb_next is not None:
-        frame = frame.tb_next
-    module = frame.tb_frame.f_globals.get("__name__", "")
+    while last.tb_next is not None:
+        last = last.tb_next
+    module = last.tb_frame.f_globals.get("__name__", "")
     return module.startswith(_PACKAGE) and not (module == __name__ or module.startswith(f"{__name__}."))
 
 
-def _from_where(error: BaseException) -> str:
+def _library_prefix(error: BaseException) -> str:
     """`"TypeName: "` for an error of another library (`ConnectError: `, `HfHubHTTPError: `): their messages often do
     not say what failed. Python's and the package's own errors need no prefix."""
     module = type(error).__module__
