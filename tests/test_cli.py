@@ -1,16 +1,52 @@
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
+import torch
+from huggingface_hub.errors import HfHubHTTPError
 from PIL import Image
 
-from flux_small_encoder.cli import main
+import flux_small_encoder
+from flux_small_encoder import hub, registry, training
+from flux_small_encoder.cli import build_parser, main
+from flux_small_encoder.patching import find_encoder_slot
+from flux_small_encoder.tiny import tiny_student
+
+
+def one_line_error(capsys) -> str:
+    """The one line a failed command printed on stderr (asserting it is one line, without a traceback)."""
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
 
 
 def test_list_shows_the_registry(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "t5-base-distilled" in out and "LifuWang/DistillT5" in out and "google/t5-v1_1-xxl" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out == f"flux-small-encoder {flux_small_encoder.__version__}\n"
+
+
+def test_every_command_shows_examples_in_its_help(capsys):
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for name in commands:
+        with pytest.raises(SystemExit):
+            main([name, "--help"])
+        assert f"examples:\n  flux-small-encoder {name}" in capsys.readouterr().out, name
+
+
+def test_train_help_lists_the_config_fields(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "shipped configs: tiny" in out and "  learning_rate (default: " in out
 
 
 def test_demo_writes_an_image_offline(tmp_path, capsys):
@@ -37,16 +73,17 @@ def test_generate_offline_names_the_missing_repo(missing, make_pipe, seeded_hub,
     make_pipe().save_pretrained(model)
     argv = {"model": ["--model", "black-forest-labs/FLUX.1-dev"], "encoder": ["--model", str(model), "--encoder",
             "someone/not-cached"]}[missing]
-    assert main(["generate", "a cat", "--dtype", "float32", *argv]) == 1
-    err = capsys.readouterr().err
+    assert main(["generate", "a cat", "--dtype", "float32", "--out", str(tmp_path / "cat.png"), *argv]) == 2
     repo = "black-forest-labs/FLUX.1-dev" if missing == "model" else "someone/not-cached"
-    last_line = err.strip().splitlines()[-1]  # earlier lines are the libraries' own offline warnings
+    # Earlier lines are the libraries' own offline warnings (in a test session, also logging's complaint that its
+    # handler still writes to an earlier test's closed capture).
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and f"hf download {repo}" in last_line
 
 
-def test_generate_unknown_encoder_lists_names(capsys):
-    assert main(["generate", "a cat", "--encoder", "t5-tiny"]) == 1
-    assert "Registered names: t5-base-distilled" in capsys.readouterr().err
+def test_generate_unknown_encoder_lists_names(tmp_path, capsys):
+    assert main(["generate", "a cat", "--encoder", "t5-tiny", "--out", str(tmp_path / "cat.png")]) == 2
+    assert "Registered names: t5-base-distilled" in one_line_error(capsys)
 
 
 @pytest.mark.parametrize("command", ["demo", "generate"])
@@ -54,9 +91,9 @@ def test_existing_image_is_not_overwritten_unasked(command, tmp_path, capsys):
     out = tmp_path / "mine.png"
     out.write_bytes(b"the user's own file")
     argv = [command, "--out", str(out)] if command == "demo" else [command, "a cat", "--out", str(out)]
-    assert main(argv) == 1
+    assert main(argv) == 2
     assert out.read_bytes() == b"the user's own file"
-    assert "--overwrite" in capsys.readouterr().err
+    assert "--overwrite" in one_line_error(capsys)
 
 
 def test_demo_overwrites_when_asked(tmp_path):
@@ -64,3 +101,134 @@ def test_demo_overwrites_when_asked(tmp_path):
     out.write_bytes(b"old")
     assert main(["demo", "--out", str(out), "--overwrite"]) == 0
     assert Image.open(out).size == (32, 32)
+
+
+# --- the error boundary: one line on stderr, exit status 2 for the package's known errors, 1 for anything else -----
+
+
+def _hub_http_error():
+    http = pytest.importorskip("httpx2")  # huggingface_hub 2's HTTP client
+    response = http.Response(403, request=http.Request("POST", "https://huggingface.co/api/repos/create"))
+    return HfHubHTTPError("403 Forbidden: you have no write access to me/encoder.", response=response)
+
+
+def _no_network_error():
+    return pytest.importorskip("httpx2").ConnectError("[Errno -2] Name or service not known")
+
+
+def _raise(error):
+    def fail(*args, **kwargs):
+        raise error
+
+    return fail
+
+
+def _missing_file(tmp_path, monkeypatch):
+    return ["info", str(tmp_path / "absent.safetensors")], "No such file"
+
+
+def _not_cached(tmp_path, monkeypatch):
+    return ["download", "someone/absent"], "hf download someone/absent"
+
+
+def _offline_mode(tmp_path, monkeypatch):
+    tiny_student().save_pretrained(tmp_path / "student")
+    return ["push", str(tmp_path / "student"), "me/encoder"], "OfflineModeIsEnabled: "
+
+
+def _no_network(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "push_to_hub", _raise(_no_network_error()))
+    return ["push", str(tmp_path), "me/encoder"], "ConnectError: [Errno -2]"
+
+
+def _hub_refuses(tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "push_to_hub", _raise(_hub_http_error()))
+    return ["push", str(tmp_path), "me/encoder"], "HfHubHTTPError: 403 Forbidden"
+
+
+def _bad_config_value(tmp_path, monkeypatch):
+    return ["train", "--config", "tiny", "objective=kl"], "objective='kl' is not one of"
+
+
+def _yaml_python_tag(tmp_path, monkeypatch):
+    (tmp_path / "evil.yaml").write_text('model: !!python/object/apply:os.system ["echo pwned"]\n')
+    return ["train", "--config", str(tmp_path / "evil.yaml")], "ConstructorError: could not determine a constructor"
+
+
+def _missing_out_folder(tmp_path, monkeypatch):
+    return ["demo", "--out", str(tmp_path / "absent" / "demo.png")], "does not exist"
+
+
+def _malformed_prompt_file(tmp_path, monkeypatch):
+    (tmp_path / "p.jsonl").write_text('"ok"\n{broken\n')
+    argv = ["cache-teacher", "--config", "tiny", "--out", str(tmp_path / "cache"), f"train_data=[{tmp_path}/p.jsonl]"]
+    return argv, "p.jsonl"
+
+
+def _training_diverged(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "train", _raise(training.TrainingDivergedError("the loss is nan at step 3")))
+    return ["train", "--config", "tiny", f"output_dir={tmp_path}"], "the loss is nan at step 3"
+
+
+def _launch_failed(tmp_path, monkeypatch):
+    monkeypatch.setattr(subprocess, "call", lambda command: 1)
+    return ["train", "--config", "tiny", "--num-processes", "2", f"output_dir={tmp_path}"], "(exit status 1)"
+
+
+def _no_cuda(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    return ["generate", "a cat", "--device", "cuda", "--out", str(tmp_path / "cat.png")], "--device cuda: no CUDA"
+
+
+def _package_type_check(tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "list_pretrained", lambda: find_encoder_slot(object))
+    return ["list"], "object is not a supported pipeline"
+
+
+KNOWN_ERRORS = [
+    _missing_file, _not_cached, _offline_mode, _no_network, _hub_refuses, _bad_config_value, _yaml_python_tag,
+    _missing_out_folder, _malformed_prompt_file, _training_diverged, _launch_failed, _no_cuda, _package_type_check,
+]
+
+
+@pytest.mark.parametrize("case", KNOWN_ERRORS, ids=lambda case: case.__name__.strip("_"))
+def test_known_error_is_one_line_with_status_2(case, tmp_path, monkeypatch, capsys):
+    argv, expected = case(tmp_path, monkeypatch)
+    capsys.readouterr()  # what setting up the case printed
+    assert main(argv) == 2
+    line = one_line_error(capsys)
+    assert line.startswith("error: ") and expected in line
+
+
+@pytest.mark.parametrize("error", [RuntimeError("boom"), KeyError("boom")], ids=["RuntimeError", "KeyError"])
+def test_unexpected_error_is_one_line_with_status_1(error, monkeypatch, capsys):
+    monkeypatch.setattr(registry, "list_pretrained", _raise(error))
+    assert main(["list"]) == 1
+    line = one_line_error(capsys)
+    assert line.startswith(f"error: unexpected {type(error).__name__}: ") and "boom" in line and "--traceback" in line
+
+
+def test_type_error_of_a_bug_is_unexpected(monkeypatch, capsys):
+    monkeypatch.setattr(registry, "list_pretrained", lambda: len(5))
+    assert main(["list"]) == 1
+    assert one_line_error(capsys).startswith("error: unexpected TypeError: ")
+
+
+@pytest.mark.parametrize("argv", [["--traceback", "list"], ["list", "--traceback"]])
+def test_traceback_option_lets_the_error_through(argv, monkeypatch):
+    monkeypatch.setattr(registry, "list_pretrained", _raise(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        main(argv)
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    monkeypatch.setattr(registry, "list_pretrained", _raise(KeyboardInterrupt()))
+    assert main(["list"]) == 130
+    assert one_line_error(capsys) == "interrupted"
+
+
+def test_usage_errors_stay_argparse_s(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "a cat", "--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "argument --steps: 0 is not a positive whole number" in capsys.readouterr().err

@@ -1,0 +1,129 @@
+"""`generate` and `demo`: an image from a pipeline patched with a distilled encoder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from contextlib import contextmanager
+
+from . import options
+
+
+def register(subparsers) -> None:
+    parser = options.add_command(
+        subparsers, "generate", help="generate an image with a pipeline patched with a distilled encoder",
+        examples=[
+            '"a red cube" --model black-forest-labs/FLUX.1-dev --out cube.png',
+            '"a red cube" --model path/to/FLUX.1-schnell --encoder path/to/my-student --steps 4 --guidance 0',
+        ],
+        run=run_generate,
+    )
+    parser.add_argument("prompt")
+    parser.add_argument("--model", default="black-forest-labs/FLUX.1-dev", help="pipeline repo id or folder")
+    parser.add_argument("--encoder", default="t5-base-distilled", help="registry name, folder or repo id")
+    options.add_out(parser, default="image.png", help="where to write the PNG")
+    parser.add_argument("--steps", type=options.positive_int, default=28, help="denoising steps")
+    parser.add_argument("--guidance", type=float, default=3.5, help="guidance scale")
+    parser.add_argument("--height", type=options.positive_int, default=1024)
+    parser.add_argument("--width", type=options.positive_int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    options.add_dtype(parser, choices=("bfloat16", "float16", "float32"), default="bfloat16",
+                      help="dtype of the pipeline and the encoder")
+    options.add_device(parser)
+    parser.add_argument("--offload", action="store_true", help="enable model CPU offload (needs an accelerator)")
+
+    parser = options.add_command(
+        subparsers, "demo", help="offline smoke run: tiny random FLUX, patched with a tiny student, writes an image",
+        examples=["--out demo.png"], run=run_demo,
+    )
+    options.add_out(parser, default="demo.png", help="where to write the PNG")
+    parser.add_argument("--prompt", default="a cat holding a sign that says hello")
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from ..registry import resolve_encoder
+
+    # Refusals first, before the slow imports and loads.
+    options.check_out(args)
+    resolved = resolve_encoder(args.encoder)
+    device = options.resolve_device(args.device)
+    dtype = options.resolve_dtype(args.dtype)
+
+    import torch
+    from diffusers import FluxPipeline
+
+    from ..patching import patch_encoder
+
+    with _fetch_hint(args.model, "pipeline"):
+        pipe = FluxPipeline.from_pretrained(args.model, text_encoder_2=None, dtype=dtype)
+    with _fetch_hint(resolved.path, "encoder"):
+        patch_encoder(pipe, args.encoder, dtype=dtype)
+    if args.offload:
+        pipe.enable_model_cpu_offload(device=device)
+    else:
+        pipe.to(device)
+    image = pipe(
+        args.prompt,
+        height=args.height,
+        width=args.width,
+        num_inference_steps=args.steps,
+        guidance_scale=args.guidance,
+        generator=torch.Generator("cpu").manual_seed(args.seed),
+    ).images[0]
+    image.save(args.out)
+    print(f"wrote {args.out}")
+
+
+@contextmanager
+def _fetch_hint(repo: str, what: str):
+    """A Hub repo that is not cached while offline is re-raised with the command that fetches it."""
+    try:
+        yield
+    except OSError as error:
+        if os.path.isdir(repo) or not _is_not_cached(error):
+            raise
+        from ..hub import not_cached_message
+
+        raise OSError(not_cached_message(repo, what=what)) from error
+
+
+def _is_not_cached(error: BaseException | None) -> bool:
+    """Whether huggingface_hub's "not in the cache" or "offline" is among the causes of `error`."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def run_demo(args: argparse.Namespace) -> None:
+    options.check_out(args)
+    import torch
+
+    from ..patching import patch_encoder
+    from ..tiny import tiny_flux_pipeline, tiny_student
+
+    start = time.perf_counter()
+    pipe = tiny_flux_pipeline()
+    teacher_params = sum(p.numel() for p in pipe.text_encoder_2.parameters())
+    with tempfile.TemporaryDirectory() as folder:
+        # Through the real loading path: save the student, then patch from its folder.
+        tiny_student().save_pretrained(folder)
+        patch_encoder(pipe, folder)
+    student_params = sum(p.numel() for p in pipe.text_encoder_2.parameters())
+    image = pipe(
+        args.prompt, height=32, width=32, num_inference_steps=2, max_sequence_length=48,
+        generator=torch.Generator("cpu").manual_seed(0),
+    ).images[0]
+    image.save(args.out)
+    print(
+        f"tiny FLUX patched: text_encoder_2 is now {type(pipe.text_encoder_2).__name__} "
+        f"({student_params:,} parameters, was {teacher_params:,})\n"
+        f"wrote {args.out} ({image.width}x{image.height}) in {time.perf_counter() - start:.1f} s"
+    )

@@ -1,0 +1,142 @@
+"""Options shared by several commands, declared once: same names, same help, same checks everywhere.
+
+Nothing here imports torch at module level: `--help` must stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+PROG = "flux-small-encoder"
+TRACEBACK_HELP = "on an error, show the full Python traceback"
+
+
+def add_command(
+    subparsers,
+    name: str,
+    *,
+    help: str,
+    examples: list[str],
+    run: Callable[[argparse.Namespace], None],
+    details: Callable[[], str] | None = None,
+) -> argparse.ArgumentParser:
+    """Add the subcommand `name`, whose help ends with its examples.
+
+    Args:
+        subparsers: What `ArgumentParser.add_subparsers` returned.
+        name: The subcommand.
+        help: One line for the command list (and the subcommand's own description).
+        examples: Argument lines after `flux-small-encoder NAME`, one example each.
+        run: The function that runs the command on the parsed arguments.
+        details: More help text, computed only when `--help` is asked for (it may import heavier modules).
+    """
+    epilog = "examples:\n" + "\n".join(f"  {PROG} {name} {example}".rstrip() for example in examples)
+    parser = subparsers.add_parser(
+        name, help=help, description=help[0].upper() + help[1:] + ".", epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter, add_help=details is None,
+    )
+    if details is not None:
+        parser.add_argument("-h", "--help", action=_HelpWithDetails, details=details)
+    # Also accepted after the command; SUPPRESS keeps the value given before it.
+    parser.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=TRACEBACK_HELP)
+    parser.set_defaults(func=run)
+    return parser
+
+
+class _HelpWithDetails(argparse.Action):
+    """`-h/--help` that appends text computed at that moment to the parser's epilog."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, *, details, help="show this help message and exit"):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+        self.details = details
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.epilog = f"{parser.epilog}\n\n{self.details()}"
+        parser.print_help()
+        parser.exit()
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type`: a whole number above zero."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive whole number")
+    return value
+
+
+# --- Hub ------------------------------------------------------------------------------------------------------------
+
+
+def add_token(parser: argparse.ArgumentParser, purpose: str = "for private or gated repos") -> None:
+    """`--token`: a Hub token; huggingface_hub's default (HF_TOKEN or the saved login) when left out."""
+    parser.add_argument("--token", help=f"Hub token {purpose} (default: HF_TOKEN or the `hf auth login` token)")
+
+
+def add_revision(parser: argparse.ArgumentParser, help: str = "branch, tag or commit") -> None:
+    """`--revision` of a Hub repository."""
+    parser.add_argument("--revision", help=help)
+
+
+# --- output files ---------------------------------------------------------------------------------------------------
+
+
+def add_out(parser: argparse.ArgumentParser, *, default: str, help: str) -> None:
+    """`--out FILE` and `--overwrite`; `check_out` refuses an existing file unless `--overwrite` is given."""
+    parser.add_argument("--out", default=default, help=help)
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+
+
+def check_out(args: argparse.Namespace) -> None:
+    """Refuse an `--out` that would replace a file unasked or cannot be written: called before any model loads, so
+    nothing is computed only to be thrown away."""
+    if os.path.exists(args.out) and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists: choose another --out, or pass --overwrite to replace it.")
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"the folder of --out {args.out} does not exist: create {folder} first, or choose "
+                                "another --out.")
+
+
+# --- torch settings -------------------------------------------------------------------------------------------------
+
+
+def add_device(parser: argparse.ArgumentParser) -> None:
+    """`--device`; `resolve_device` gives the default."""
+    parser.add_argument("--device", help="torch device, e.g. cuda, cuda:1, cpu (default: cuda if available, else cpu)")
+
+
+def resolve_device(device: str | None) -> str:
+    """The device to run on: `device` as given (a CUDA device must exist), else `torch_utils.default_device()`."""
+    import torch
+
+    from ..torch_utils import default_device
+
+    if device is None:
+        return default_device()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available to torch {torch.__version__} here; pass "
+                         "--device cpu, or leave --device out.")
+    return device
+
+
+def add_dtype(parser: argparse.ArgumentParser, *, choices: tuple[str, ...], default: str | None, help: str) -> None:
+    """`--dtype`, a torch dtype by name; `resolve_dtype` turns it into the dtype."""
+    parser.add_argument("--dtype", default=default, choices=choices, help=help)
+
+
+def resolve_dtype(name: str | None):
+    """The torch dtype named `name` (`"bfloat16"` -> `torch.bfloat16`), `None` for `None`."""
+    import torch
+
+    return None if name is None else getattr(torch, name)
+
+
+# --- training configs -----------------------------------------------------------------------------------------------
+
+
+def add_config(parser: argparse.ArgumentParser) -> None:
+    """`--config NAME_OR_YAML` and the `key=value` overrides that win over it."""
+    parser.add_argument("--config", required=True, help="a shipped config name or a YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config fields that win over the file")

@@ -1,0 +1,123 @@
+"""`train` and `cache-teacher`: distilling a student, and precomputing the teacher's embeddings for it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import options
+
+
+def register(subparsers) -> None:
+    parser = options.add_command(
+        subparsers, "train",
+        help="distil a small T5 encoder from FLUX's T5-XXL (vision-based distillation with step following)",
+        examples=[
+            "--config tiny output_dir=/tmp/tiny-run",
+            "--config stage1-compbench data_root=path/to/prompts output_dir=runs/s1",
+            "--config stage1-compbench --num-processes 8 output_dir=runs/s1",
+            "--config runs/s1/config.yaml resume_from_checkpoint=latest",
+        ],
+        run=run_train,
+        details=_config_help,
+    )
+    options.add_config(parser)
+    parser.add_argument(
+        "--num-processes", type=options.positive_int, default=None,
+        help="start this many processes (one a GPU) through `accelerate launch --multi_gpu`",
+    )
+
+    parser = options.add_command(
+        subparsers, "cache-teacher",
+        help="precompute the teacher's embeddings of a config's prompts, so training never loads T5-XXL",
+        examples=[
+            "--config stage1-compbench --out cache/s1 data_root=path/to/prompts\n"
+            "  then: flux-small-encoder train --config stage1-compbench teacher_cache=cache/s1",
+        ],
+        run=run_cache_teacher,
+    )
+    options.add_config(parser)
+    parser.add_argument("--out", default=None, help="cache folder to create (default: the config's teacher_cache)")
+    options.add_dtype(parser, choices=("bfloat16", "float32"), default=None,
+                      help="storage dtype (default: bfloat16 with mixed_precision=bf16, else float32)")
+    parser.add_argument("--batch-size", type=options.positive_int, default=16, help="prompts per teacher call")
+    options.add_device(parser)
+
+
+def _config_help() -> str:
+    """The shipped configs and every config field with its default and help (imported only for `train --help`)."""
+    import dataclasses
+    import textwrap
+
+    from ..training.config import SHIPPED_CONFIGS, TrainingConfig
+
+    lines = [
+        "or start the processes yourself:",
+        "  accelerate launch --multi_gpu --num_processes 8 -m flux_small_encoder.train --config stage1-compbench ...",
+        "",
+        f"shipped configs: {', '.join(SHIPPED_CONFIGS)}",
+        "fields (set in the YAML file or as key=value):",
+    ]
+    for field in dataclasses.fields(TrainingConfig):
+        default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+        lines.append(f"  {field.name} (default: {default!r})")
+        lines += textwrap.wrap(field.metadata.get("help", ""), 112, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from ..training.config import load_config
+
+    config = load_config(args.config, args.overrides)  # checked here, before any process starts
+    if args.num_processes and args.num_processes > 1:
+        # TODO(lead): call training.launch.launch_training(args.config, args.overrides, args.num_processes)
+        import subprocess
+
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
+            str(args.num_processes), "--num_machines", "1", "--mixed_precision", config.mixed_precision,
+            "--dynamo_backend", "no", "-m", "flux_small_encoder.train", "--config", args.config, *args.overrides,
+        ]
+        code = subprocess.call(command)
+        if code:
+            raise ChildProcessError(f"training on {args.num_processes} processes failed (exit status {code}); their "
+                                    "messages are above.")
+        return
+
+    from ..training import train
+
+    final = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"student saved to {final} (load it with patch_encoder(pipe, {str(final)!r}))")
+
+
+def run_cache_teacher(args: argparse.Namespace) -> None:
+    # TODO(lead): call training.cache.cache_teacher(config, args.out, dtype=options.resolve_dtype(args.dtype),
+    # batch_size=args.batch_size, device=args.device) and print its folder; the job below moves there.
+    from ..torch_utils import precision_dtype
+    from ..training.cache import write_teacher_cache
+    from ..training.config import load_config
+    from ..training.data import load_sources
+    from ..training.models import load_t5_tokenizer, load_teacher, teacher_name, tokenize_t5
+
+    config = load_config(args.config, args.overrides)
+    out = args.out or config.teacher_cache
+    if not out:
+        raise ValueError("cache-teacher needs a folder: pass --out FOLDER, or set teacher_cache in the config.")
+    prompts = load_sources(config.train_data + config.eval_data, seed=config.seed)
+    model_dtype = precision_dtype(config.mixed_precision)
+    device = options.resolve_device(args.device)
+    teacher = load_teacher(config, model_dtype).to(device)
+    tokenizer = load_t5_tokenizer(config)
+    folder = write_teacher_cache(
+        out,
+        encode=lambda ids: teacher(ids.to(device), output_hidden_states=False)[0],
+        tokenize=lambda batch: tokenize_t5(tokenizer, batch, config.max_sequence_length),
+        prompts=prompts,
+        teacher=teacher_name(config),
+        max_sequence_length=config.max_sequence_length,
+        dtype=options.resolve_dtype(args.dtype) or model_dtype,
+        batch_size=args.batch_size,
+    )
+    print(f"wrote the teacher embeddings of {len(set(prompts))} prompts to {folder}")
