@@ -18,11 +18,9 @@ from .checkpoint import (
     CONFIG_METADATA_KEY,
     PICKLE_SUFFIXES,
     SHARED_KEY,
-    CheckpointInfo,
     read_checkpoint,
     resolve_config,
 )
-from .checkpoint import describe as describe_local
 from .configuration import DistilledT5Config
 from .hub import download
 
@@ -87,12 +85,3 @@ def to_comfyui_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
         else:
             out[key] = value
     return out
-
-
-def describe(path: str | os.PathLike) -> CheckpointInfo:
-    """`checkpoint.describe` of a local path, a registry name or a Hub repo id.
-
-    TODO(lead): kept only because cli.py imports `describe` from here with a registry name; once the CLI calls
-    `checkpoint.describe(hub.download(name))`, delete this function (convert.py only writes).
-    """
-    return describe_local(download(os.fspath(path)))

@@ -17,14 +17,13 @@ import yaml
 from huggingface_hub import ModelCard, ModelCardData
 
 from .registry import is_repo_id
+from .training.config import STUDENT_CONFIG_NAME as TRAINING_CONFIG_NAME  # the trainer's provenance file
 
 LIBRARY_NAME = "flux-small-encoder"
 CARD_TAGS = ("flux", "text-encoder", "t5", "distillation", "diffusers", "flux-small-encoder")
 PAPER_URL = "https://arxiv.org/abs/2503.19897"
 # The card's text: a Jinja template rendered by `ModelCard.from_template`, shipped as package data.
 TEMPLATE_PATH = resources.files(__package__) / "templates" / "model_card.md"
-# The trainer writes its resolved config under this name into every model folder it saves.
-TRAINING_CONFIG_NAME = "training_config.yaml"
 # Training-config keys the card reads: the pipeline distilled for, its teacher encoder, the student's starting point.
 _PIPELINE_KEYS, _TEACHER_KEYS, _STUDENT_KEYS = ("model", "pipeline"), ("teacher",), ("student", "base_model")
 # Kept out of the card: local paths, and anything that could be a credential.

@@ -181,8 +181,8 @@ def test_pickle_that_runs_code_is_refused_and_never_runs(student, tmp_path):
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 
-    assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 1
-    assert main(["info", str(tmp_path / "evil.pth")]) == 1
+    assert main(["convert", str(tmp_path / "evil.pth"), str(tmp_path / "out")]) == 2
+    assert main(["info", str(tmp_path / "evil.pth")]) == 2
     assert not marker.exists()
 
 
@@ -245,7 +245,7 @@ def test_describe_counts_and_fits(student, public_checkpoint):
 def test_cli_convert_and_info(saved_student, seeded_hub, tmp_path, capsys):
     assert main(["convert", str(saved_student), str(tmp_path / "c.safetensors")]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert main(["convert", str(saved_student), str(tmp_path / "c.safetensors")]) == 1
+    assert main(["convert", str(saved_student), str(tmp_path / "c.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "already exists" in err and "Traceback" not in err
     assert main(["convert", str(saved_student), str(tmp_path / "c.safetensors"), "--overwrite"]) == 0

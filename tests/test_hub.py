@@ -246,7 +246,7 @@ def test_offline_without_cache_names_repo_and_command(tmp_path, capsys):
     with pytest.raises(LocalEntryNotFoundError, match="hf download someone/absent --revision v2"):
         hub.download("someone/absent", revision="v2")
 
-    assert main(["download", "someone/absent"]) == 1
+    assert main(["download", "someone/absent"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "hf download someone/absent" in err and "Traceback" not in err
 

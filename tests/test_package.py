@@ -162,18 +162,10 @@ def test_the_graph_reads_every_kind_of_import(tmp_path):
     assert cycle_through(graph, "pkg.c") is None
 
 
-CYCLE_SPLIT_REASON = "convert <-> hub, removed by the checkpoint-module split"
 GRAPH = import_graph(PACKAGE)
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        pytest.param(module, marks=pytest.mark.xfail(strict=True, reason=CYCLE_SPLIT_REASON))
-        if module in ("flux_small_encoder.convert", "flux_small_encoder.hub") else module
-        for module in GRAPH
-    ],
-)
+@pytest.mark.parametrize("module", list(GRAPH))
 def test_no_import_cycle_through(module):
     cycle = cycle_through(GRAPH, module)
     assert cycle is None, f"import cycle (with the line of each import): {describe_cycle(GRAPH, cycle)}"

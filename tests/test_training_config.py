@@ -122,7 +122,7 @@ def test_malformed_file_fails_the_trainer_at_start(tmp_path):
     (tmp_path / "p.jsonl").write_text('"ok"\n{broken\n')
     code = main(["train", "--config", "tiny", f"train_data=[{tmp_path / 'p.jsonl'}]",
                  f"output_dir={tmp_path / 'out'}", "report_to=none"])
-    assert code == 1 and not (tmp_path / "out").exists()
+    assert code == 2 and not (tmp_path / "out").exists()
 
 
 def test_mixing_by_repeat_and_weight(tmp_path):

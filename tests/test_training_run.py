@@ -79,7 +79,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
     out = tmp_path / "run"
     train(load_config("tiny", [*QUICK, "max_steps=2", "num_inference_steps=2", f"output_dir={out}"]))
     before = (out / "checkpoint-2" / "student" / "model.safetensors").read_bytes()
-    assert main(["train", "--config", "tiny", *QUICK, "max_steps=2", f"output_dir={out}"]) == 1
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=2", f"output_dir={out}"]) == 2
     assert (out / "checkpoint-2" / "student" / "model.safetensors").read_bytes() == before
 
 

@@ -44,7 +44,7 @@ KNOWN_ERRORS_OF_MODULES = {
     "yaml": "YAMLError",
     "httpx2": "TransportError",
     "httpx": "TransportError",
-    "flux_small_encoder.training": "TrainingDivergedError",
+    "flux_small_encoder.training.trainer": "TrainingDivergedError",
 }
 
 

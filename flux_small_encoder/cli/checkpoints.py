@@ -29,13 +29,15 @@ def register(subparsers) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from ..convert import convert, describe
+    from ..checkpoint import describe
+    from ..convert import convert
 
     written = convert(args.src, args.dst, config=args.config, overwrite=args.overwrite)
     print(f"wrote {written}\n{describe(written).summary()}")
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from ..convert import describe
+    from ..checkpoint import describe
+    from ..hub import download
 
-    print(describe(args.encoder).summary())
+    print(describe(download(args.encoder)).summary())

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 from . import options
 
@@ -67,57 +66,24 @@ def _config_help() -> str:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from ..training.config import load_config
-
-    config = load_config(args.config, args.overrides)  # checked here, before any process starts
     if args.num_processes and args.num_processes > 1:
-        # TODO(lead): call training.launch.launch_training(args.config, args.overrides, args.num_processes)
-        import subprocess
+        from ..training.launch import launch_training
 
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-            str(args.num_processes), "--num_machines", "1", "--mixed_precision", config.mixed_precision,
-            "--dynamo_backend", "no", "-m", "flux_small_encoder.train", "--config", args.config, *args.overrides,
-        ]
-        code = subprocess.call(command)
-        if code:
-            raise ChildProcessError(f"training on {args.num_processes} processes failed (exit status {code}); their "
-                                    "messages are above.")
+        launch_training(args.config, args.overrides, args.num_processes)
         return
 
-    from ..training import train
+    from ..training import load_config, train
 
-    final = train(config)
+    final = train(load_config(args.config, args.overrides))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"student saved to {final} (load it with patch_encoder(pipe, {str(final)!r}))")
 
 
 def run_cache_teacher(args: argparse.Namespace) -> None:
-    # TODO(lead): call training.cache.cache_teacher(config, args.out, dtype=options.resolve_dtype(args.dtype),
-    # batch_size=args.batch_size, device=args.device) and print its folder; the job below moves there.
-    from ..torch_utils import precision_dtype
-    from ..training.cache import write_teacher_cache
-    from ..training.config import load_config
-    from ..training.data import load_sources
-    from ..training.models import load_t5_tokenizer, load_teacher, teacher_name, tokenize_t5
+    from ..training import cache_teacher, load_config
 
-    config = load_config(args.config, args.overrides)
-    out = args.out or config.teacher_cache
-    if not out:
-        raise ValueError("cache-teacher needs a folder: pass --out FOLDER, or set teacher_cache in the config.")
-    prompts = load_sources(config.train_data + config.eval_data, seed=config.seed)
-    model_dtype = precision_dtype(config.mixed_precision)
-    device = options.resolve_device(args.device)
-    teacher = load_teacher(config, model_dtype).to(device)
-    tokenizer = load_t5_tokenizer(config)
-    folder = write_teacher_cache(
-        out,
-        encode=lambda ids: teacher(ids.to(device), output_hidden_states=False)[0],
-        tokenize=lambda batch: tokenize_t5(tokenizer, batch, config.max_sequence_length),
-        prompts=prompts,
-        teacher=teacher_name(config),
-        max_sequence_length=config.max_sequence_length,
-        dtype=options.resolve_dtype(args.dtype) or model_dtype,
-        batch_size=args.batch_size,
+    folder = cache_teacher(
+        load_config(args.config, args.overrides), args.out, dtype=options.resolve_dtype(args.dtype),
+        batch_size=args.batch_size, device=options.resolve_device(args.device),
     )
-    print(f"wrote the teacher embeddings of {len(set(prompts))} prompts to {folder}")
+    print(f"wrote the teacher embeddings to {folder}")

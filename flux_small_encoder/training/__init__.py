@@ -1,5 +1,7 @@
 """Vision-based distillation of a small T5 encoder from FLUX's T5-XXL (see docs/training.md).
 
+The public names load on first use: `train --help` reads the config without importing torch.
+
     config.py         TrainingConfig: YAML + `key=value` overrides, checked from its type hints
     data.py           prompt files in, a deterministic prompt stream out
     models.py         where the frozen parts, the teacher and the student come from (model sources)
@@ -11,38 +13,32 @@
     launch.py         `accelerate launch` on several processes
 """
 
-from .cache import TeacherCache, cache_teacher, write_teacher_cache
-from .config import SHIPPED_CONFIGS, PromptSource, TrainingConfig, load_config
-from .data import PromptFileError, PromptStream, load_sources, read_prompts
-from .distill import NaiveDistillation, Trajectory, VisionDistillation, flux_schedule
-from .launch import TrainingLaunchError, launch_command, launch_training
-from .models import BUILT_IN_SOURCES, FrozenParts, ModelSource, model_source
-from .trainer import DistillationTrainer, TrainingDivergedError, train
+from __future__ import annotations
 
-__all__ = [
-    "BUILT_IN_SOURCES",
-    "SHIPPED_CONFIGS",
-    "DistillationTrainer",
-    "FrozenParts",
-    "ModelSource",
-    "NaiveDistillation",
-    "PromptFileError",
-    "PromptSource",
-    "PromptStream",
-    "TeacherCache",
-    "TrainingConfig",
-    "TrainingDivergedError",
-    "TrainingLaunchError",
-    "Trajectory",
-    "VisionDistillation",
-    "cache_teacher",
-    "flux_schedule",
-    "launch_command",
-    "launch_training",
-    "load_config",
-    "load_sources",
-    "model_source",
-    "read_prompts",
-    "train",
-    "write_teacher_cache",
-]
+import importlib
+
+# Public name -> the module that defines it.
+_PUBLIC = {
+    "TeacherCache": "cache", "cache_teacher": "cache", "write_teacher_cache": "cache",
+    "SHIPPED_CONFIGS": "config", "PromptSource": "config", "TrainingConfig": "config", "load_config": "config",
+    "PromptFileError": "data", "PromptStream": "data", "load_sources": "data", "read_prompts": "data",
+    "NaiveDistillation": "distill", "Trajectory": "distill", "VisionDistillation": "distill",
+    "flux_schedule": "distill",
+    "TrainingLaunchError": "launch", "launch_command": "launch", "launch_training": "launch",
+    "BUILT_IN_SOURCES": "models", "FrozenParts": "models", "ModelSource": "models", "model_source": "models",
+    "DistillationTrainer": "trainer", "TrainingDivergedError": "trainer", "train": "trainer",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC})

@@ -10,7 +10,7 @@ from .config import load_config
 ENTRY_MODULE = "flux_small_encoder.training"
 
 
-class TrainingLaunchError(RuntimeError):
+class TrainingLaunchError(ChildProcessError):
     """The launched training processes exited with an error; their own output says why."""
 
 
