@@ -121,7 +121,8 @@ def patch_encoder(
         raise TypeError(
             f"patch_encoder takes a registry name ({', '.join(list_pretrained())}), a folder written by "
             f"`save_pretrained`, a Hub repo id or a DistilledT5EncoderModel, not {type(encoder).__name__}. A plain T5 "
-            "encoder needs a projector first: `DistilledT5EncoderModel.from_t5_encoder(...)`."
+            "encoder has no projector to the pipeline's width: use a distilled checkpoint (`flux-small-encoder "
+            "convert` reads other layouts)."
         )
     if not isinstance(encoder, DistilledT5EncoderModel):
         encoder = resolve_encoder(encoder, revision)
