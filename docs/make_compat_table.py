@@ -51,16 +51,19 @@ NOTES = """
   adapter as diffusers scales a T5 one.
 - **Kontext.** `FluxKontextPipeline` resizes its input image to a preferred resolution near one megapixel unless
   `_auto_resize=False`, and its output to `max_area`: tiny runs need both (`max_area=32*32`), or they take minutes.
+- **All or nothing.** `patch_encoder` loads, checks, casts and places the student before it touches the pipeline: a
+  refused student or a failed move (tested with a simulated out-of-memory error) leaves the pipeline as it was and
+  still patchable, and a refused student instance keeps its dtype (`tests/test_patching.py`).
 - **Offload.** Model CPU offload and group offload are tested with `device="cpu"`: the student gets the pipeline's
-  hooks whether offload was enabled before or after patching, and the image is the one without offload.
-  **Sequential CPU offload** (`enable_sequential_cpu_offload`) is not claimed: without an accelerator it fails for
-  the stock pipeline too (an accelerate limit), and a test checks that it fails the same way patched. On a CUDA
-  machine, `test_accelerator_offload` (marked `gpu`, skipped elsewhere) runs model and sequential offload before and
-  after patching; it has not been run for this page. Patching *after* enabling sequential offload puts the student
-  whole on the execution device (it gets no sequential hooks of its own).
-- **torch.compile** of the student runs on CPU (inductor with gcc) and matches eager output; the first call of the
-  tiny student takes 16 to 32 s on this shared 2-core CPU (cold inductor cache; about 4 s warm), so that test is
-  marked `slow`.
+  hooks whether offload was enabled before or after patching, the replaced encoder is released, and the image is the
+  one without offload. **Sequential CPU offload** enabled before patching is enabled again on the whole pipeline with
+  the device it was enabled with, so the student is offloaded like the rest: the test checks the call, the student's
+  hooks and its offloaded weights. Running it needs an accelerator: on a CPU accelerate fails moving weights to the
+  meta device, for the stock pipeline as for the patched one (the test checks that failure too). On a CUDA machine,
+  `test_accelerator_offload` (marked `gpu`, skipped elsewhere) runs model and sequential offload before and after
+  patching; it has not been run for this page.
+- **torch.compile** of the student runs on CPU (inductor with gcc) and matches eager output; compiling the tiny
+  student takes tens of seconds on a 2-core CPU with a cold inductor cache, so that test is marked `slow`.
 """
 
 

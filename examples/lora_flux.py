@@ -1,7 +1,7 @@
 """A FLUX LoRA (transformer and CLIP) on a pipeline patched with a small distilled text encoder, optionally with a
 LoRA adapter on the student itself.
 
-    python examples/lora_flux.py --lora alvdansen/frosting_lane_flux --prompt "a cupcake shop" --output shop.png
+    python examples/lora_flux.py --lora alvdansen/frosting_lane_flux --prompt "a cupcake shop" --out shop.png
     python examples/lora_flux.py --lora my/flux-lora --student-lora ./runs/lora/adapter --student-lora-weight 0.8
     python examples/lora_flux.py --tiny                # tiny random models and LoRAs, offline, seconds on a CPU
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import tempfile
 
 import torch
@@ -46,20 +47,25 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--fuse", action="store_true", help="fuse the LoRAs into the weights (faster inference)")
     parser.add_argument("--prompt", default="a red cube on a blue sphere, studio photo")
     parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--guidance", type=float, default=3.5)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="lora.png")
+    parser.add_argument("--out", default="lora.png", help="where to write the PNG")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument("--offload", action="store_true", help="model CPU offload, for GPUs under ~32 GB")
     parser.add_argument("--tiny", action="store_true", help="tiny random models and LoRAs: checks the wiring, offline")
     args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not args.overwrite:
+        parser.error(f"{args.out} already exists: choose another --out, or pass --overwrite to replace it.")
+    if args.lora is None and not args.tiny:
+        parser.error("--lora is required (or pass --tiny)")
 
     with tempfile.TemporaryDirectory() as scratch:
         if args.tiny:
             pipe, args.lora, args.student_lora = tiny_setup(scratch)
-            args.steps, args.size = 2, 32
+            args.steps, args.height, args.width = 2, 32, 32
         else:
-            if args.lora is None:
-                parser.error("--lora is required (or pass --tiny)")
             pipe = load_pipeline(args.model, encoder=args.encoder, dtype=torch.bfloat16)
 
         # Transformer and CLIP LoRAs load exactly as on a stock pipeline; the student is not touched by them.
@@ -80,12 +86,13 @@ def main(argv: list[str] | None = None):
         image = pipe(
             prompt=args.prompt,
             num_inference_steps=args.steps,
-            height=args.size,
-            width=args.size,
+            guidance_scale=args.guidance,
+            height=args.height,
+            width=args.width,
             generator=torch.Generator("cpu").manual_seed(args.seed),
         ).images[0]
-    image.save(args.output)
-    print(f"saved {args.output}")
+    image.save(args.out)
+    print(f"wrote {args.out}")
     return image
 
 

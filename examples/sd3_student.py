@@ -11,6 +11,7 @@ was not trained for SD3: judge its images before relying on it, or distil one fo
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -23,12 +24,17 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--encoder", default="t5-base-distilled", help="registry name, folder or Hub repo id")
     parser.add_argument("--prompt", default="a red cube on a blue sphere, studio photo")
     parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--guidance-scale", type=float, default=4.5)
-    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--guidance", type=float, default=4.5)
+    parser.add_argument("--height", type=int, default=1024)
+    parser.add_argument("--width", type=int, default=1024)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", default="sd3.png")
+    parser.add_argument("--out", default="sd3.png", help="where to write the PNG")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--offload", action="store_true", help="model CPU offload, for GPUs under ~24 GB")
     parser.add_argument("--tiny", action="store_true", help="tiny random models: checks the wiring, offline")
     args = parser.parse_args(argv)
+    if os.path.exists(args.out) and not args.overwrite:
+        parser.error(f"{args.out} already exists: choose another --out, or pass --overwrite to replace it.")
 
     from diffusers import StableDiffusion3Pipeline
 
@@ -36,25 +42,27 @@ def main(argv: list[str] | None = None):
         from flux_small_encoder.tiny import tiny_sd3_components, tiny_student
 
         pipe = patch_encoder(StableDiffusion3Pipeline(**tiny_sd3_components()), tiny_student())
-        args.steps, args.size = 2, 32
+        args.steps, args.height, args.width = 2, 32, 32
     else:
         # Loaded without its T5-XXL (text_encoder_3=None), then patched with the student.
         pipe = load_pipeline(
             args.model, encoder=args.encoder, pipeline_cls=StableDiffusion3Pipeline, dtype=torch.bfloat16
         )
-        if torch.cuda.is_available():
+        if args.offload:
+            pipe.enable_model_cpu_offload()
+        elif torch.cuda.is_available():
             pipe.to("cuda")
     image = pipe(
         prompt=args.prompt,
         num_inference_steps=args.steps,
-        guidance_scale=args.guidance_scale,
-        height=args.size,
-        width=args.size,
+        guidance_scale=args.guidance,
+        height=args.height,
+        width=args.width,
         max_sequence_length=256,
         generator=torch.Generator("cpu").manual_seed(args.seed),
     ).images[0]
-    image.save(args.output)
-    print(f"saved {args.output}")
+    image.save(args.out)
+    print(f"wrote {args.out}")
     return image
 
 

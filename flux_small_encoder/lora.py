@@ -1,10 +1,15 @@
-"""LoRA adapters on the distilled encoder itself, through peft.
+"""LoRA adapters on the distilled encoder itself, through transformers' `PeftAdapterMixin` and peft.
 
 diffusers' `load_lora_weights` adapts only the transformer and CLIP, and drops keys meant for the T5 slot. These
 functions do for the student what `load_lora_weights` / `set_adapters` / `fuse_lora` / `unfuse_lora` /
 `unload_lora_weights` do for the transformer, on the standard peft adapter folder (`adapter_config.json` +
 `adapter_model.safetensors`, as written by `PeftModel.save_pretrained` or by `save_encoder_lora`), whose
 `target_modules` name the student's T5 layers (`q`, `k`, `v`, `o`, `wi_0`, `wi_1`, `wo`).
+
+`DistilledT5EncoderModel` inherits transformers' `PeftAdapterMixin`: adapters are loaded with its `load_adapter`. Its
+other adapter methods (`set_adapter`, `delete_adapter`, `active_adapters`, ...) refuse to run with a peft older than
+the one transformers asks for (`MIN_PEFT_VERSION`, 0.22 for transformers 5.24), so activating and deleting go through
+peft's own public functions (`peft.functional`) and LoRA layers, which those methods call themselves.
 
 Each function takes a patched pipeline (the student is found in its family's slot) or the student itself, and returns
 what it was given, so calls chain.
@@ -13,19 +18,22 @@ what it was given, so calls chain.
 from __future__ import annotations
 
 import json
+import logging
 import os
-import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
-from safetensors.torch import save_file
-
+from .atomic import atomic_folder
 from .modeling import DistilledT5EncoderModel
 from .patching import find_encoder_slot
+from .private_api import forget_peft_adapters, load_peft_adapter
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 # The encoder's attribute recording the active adapters and their weights, which peft layers keep only as scalings.
 _WEIGHTS_ATTR = "_flux_small_encoder_lora_weights"
+# LoRA's key prefix in peft (`lora_A`, `lora_B`, ...), as `delete_adapter` wants it.
+_LORA_PREFIX = "lora_"
 
 
 def load_encoder_lora(
@@ -65,7 +73,7 @@ def load_encoder_lora(
     >>> load_encoder_lora(pipe, "my-student-lora", weight=0.8)
     ```
     """
-    from peft import PeftConfig, PeftType, inject_adapter_in_model, set_peft_model_state_dict
+    from peft import PeftConfig, PeftType
     from safetensors.torch import load_file
 
     encoder = _encoder_of(pipe_or_encoder)
@@ -78,29 +86,17 @@ def load_encoder_lora(
     config = PeftConfig.from_pretrained(str(Path(config_file).parent))
     if config.peft_type != PeftType.LORA:
         raise ValueError(f"{adapter} is a {config.peft_type.value} adapter; load_encoder_lora loads LoRA adapters.")
-    config.inference_mode = True
-    # `PeftModel.save_pretrained` prefixes keys with the wrapper's path; the adapter goes onto the bare encoder here.
-    state = {key.removeprefix("base_model.model."): value for key, value in load_file(weights_file).items()}
 
-    configs = dict(getattr(encoder, "peft_config", {}))
     try:
-        inject_adapter_in_model(config, encoder, adapter_name=adapter_name)
-        encoder.peft_config = {**configs, adapter_name: config}  # peft keeps only the newest adapter's config here
-        result = set_peft_model_state_dict(encoder, state, adapter_name=adapter_name)
-        missing = [key for key in result.missing_keys if ".lora_" in key and f".{adapter_name}." in key]
-        if missing or result.unexpected_keys:
-            raise ValueError(
-                f"The adapter {adapter} does not fit this {type(encoder).__name__}: "
-                + (f"no weights for {missing[:3]}; " if missing else "")
-                + (f"weights for layers it lacks: {result.unexpected_keys[:3]}; " if result.unexpected_keys else "")
-                + "use an adapter trained on this encoder."
+        with _quiet_load_report():
+            # Mismatched shapes are reported below, in one message, instead of transformers' re-raise.
+            report = load_peft_adapter(
+                encoder, adapter_name=adapter_name, peft_config=config, adapter_state_dict=load_file(weights_file),
+                ignore_mismatched_sizes=True,
             )
-    except Exception as error:
-        _discard(encoder, adapter_name, configs)
-        if isinstance(error, RuntimeError) and "size mismatch" in str(error):
-            raise ValueError(
-                f"The adapter {adapter} was trained on an encoder of other widths than this one: {error}"
-            ) from error
+        _check_load_report(report, adapter, adapter_name, type(encoder).__name__)
+    except BaseException:
+        _remove_adapters(encoder, [adapter_name])
         raise
     active = {**_active_weights(encoder), adapter_name: weight}
     return set_encoder_lora(pipe_or_encoder, list(active), list(active.values()))
@@ -118,7 +114,7 @@ def set_encoder_lora(pipe_or_encoder, adapter_names: str | list[str], weights: f
         weights (`float` or `list[float]`, *optional*):
             One weight for all, or one per adapter; defaults to 1.0 each.
     """
-    from diffusers.utils.peft_utils import set_weights_and_activate_adapters
+    from peft.functional import set_adapter
 
     encoder = _encoder_of(pipe_or_encoder)
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -131,7 +127,10 @@ def set_encoder_lora(pipe_or_encoder, adapter_names: str | list[str], weights: f
         weights = [weights] * len(names)
     if len(weights) != len(names):
         raise ValueError(f"Got {len(weights)} weights for {len(names)} adapters: give one per adapter, or one.")
-    set_weights_and_activate_adapters(encoder, names, list(weights))
+    set_adapter(encoder, names, inference_mode=True)
+    for layer in _lora_layers(encoder):
+        for name, weight in zip(names, weights, strict=True):
+            layer.set_scale(name, weight)
     setattr(encoder, _WEIGHTS_ATTR, dict(zip(names, weights, strict=True)))
     return pipe_or_encoder
 
@@ -186,12 +185,10 @@ def unload_encoder_lora(pipe_or_encoder, adapter_names: str | list[str] | None =
             "of them to keep the fused weights."
         )
     remaining = {name: weight for name, weight in _active_weights(encoder).items() if name not in names}
-    for name in names:
-        _discard(encoder, name, {key: value for key, value in encoder.peft_config.items() if key != name})
+    _remove_adapters(encoder, names)
+    setattr(encoder, _WEIGHTS_ATTR, {})
     if remaining:
         set_encoder_lora(encoder, list(remaining), list(remaining.values()))
-    else:
-        setattr(encoder, _WEIGHTS_ATTR, {})
     return pipe_or_encoder
 
 
@@ -204,7 +201,7 @@ def save_encoder_lora(pipe_or_encoder, folder: str | os.PathLike, adapter_name: 
         pipe_or_encoder (`DiffusionPipeline` or `DistilledT5EncoderModel`):
             A patched pipeline or the encoder itself.
         folder (`str` or `os.PathLike`):
-            Where to write; refused if it already holds adapter files.
+            Where to write: a new or empty folder.
         adapter_name (`str`, *optional*, defaults to `"default"`):
             The adapter to save.
 
@@ -212,31 +209,24 @@ def save_encoder_lora(pipe_or_encoder, folder: str | os.PathLike, adapter_name: 
         `Path`: the folder.
     """
     from peft import get_peft_model_state_dict
+    from safetensors.torch import save_file
 
     encoder = _encoder_of(pipe_or_encoder)
     if adapter_name not in _adapter_names(encoder):
         raise ValueError(f"The encoder has no adapter named {adapter_name!r}; it has {_adapter_names(encoder)}.")
     if any(layer.merged for layer in _lora_layers(encoder)):
         raise ValueError("The encoder's adapters are fused: call `unfuse_encoder_lora` before saving one of them.")
-    folder = Path(folder)
-    existing = [name for name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME) if (folder / name).exists()]
-    if existing:
-        raise FileExistsError(f"{folder} already holds {', '.join(existing)}: choose an empty folder.")
     # The key layout of `PeftModel.save_pretrained`, so that peft itself loads the folder too.
     state = {
         f"base_model.model.{key}": value.detach().cpu().contiguous()
         for key, value in get_peft_model_state_dict(encoder, adapter_name=adapter_name).items()
     }
     config = encoder.peft_config[adapter_name].to_dict()
-    config["base_model_name_or_path"] = config.get("base_model_name_or_path") or encoder.config._name_or_path or None
-    folder.mkdir(parents=True, exist_ok=True)
-    # Write both files under temporary names first, so an interrupted save leaves no half-written adapter behind.
-    with tempfile.TemporaryDirectory(dir=folder) as staging:
-        save_file(state, Path(staging) / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
-        (Path(staging) / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
-        for name in (ADAPTER_WEIGHTS_NAME, ADAPTER_CONFIG_NAME):
-            os.replace(Path(staging) / name, folder / name)
-    return folder
+    config["base_model_name_or_path"] = config.get("base_model_name_or_path") or encoder.config.name_or_path or None
+    with atomic_folder(folder) as staging:
+        save_file(state, staging / ADAPTER_WEIGHTS_NAME, metadata={"format": "pt"})
+        (staging / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True, default=list))
+    return Path(folder)
 
 
 def _encoder_of(pipe_or_encoder) -> DistilledT5EncoderModel:
@@ -268,17 +258,55 @@ def _active_weights(encoder) -> dict[str, float]:
     return dict(getattr(encoder, _WEIGHTS_ATTR, {}))
 
 
-def _discard(encoder, adapter_name: str, remaining_configs: dict) -> None:
-    """Remove one adapter's layers and config; with none left, put the plain layers back, as before any adapter."""
-    from diffusers.utils.peft_utils import delete_adapter_layers, recurse_remove_peft_layers
+def _remove_adapters(encoder, names: list[str]) -> None:
+    """Remove adapters (their layers and configs); once none is left, put the plain layers back, as before any adapter
+    (with fused weights kept fused), and make the encoder a plain model again for `save_pretrained`."""
+    from peft.functional import delete_adapter
+    from peft.tuners.lora import LoraLayer
 
-    if remaining_configs:
-        delete_adapter_layers(encoder, adapter_name)
-        encoder.peft_config = remaining_configs
-    else:
-        recurse_remove_peft_layers(encoder)
-        if hasattr(encoder, "peft_config"):
-            del encoder.peft_config
+    configs = getattr(encoder, "peft_config", {})
+    if set(configs) <= set(names):
+        for name, module in list(encoder.named_modules()):
+            if isinstance(module, LoraLayer):
+                encoder.set_submodule(name, module.get_base_layer())
+        forget_peft_adapters(encoder)
+        return
+    for name in names:
+        delete_adapter(encoder, adapter_name=name, prefix=_LORA_PREFIX)
+        configs.pop(name, None)
+
+
+@contextmanager
+def _quiet_load_report():
+    """Silence the load report of `load_adapter`, which `_check_load_report` replaces: transformers 5.24 counts any key
+    holding "lora" (or the adapter's name) as the new adapter's, so it lists the other adapters' weights as missing."""
+    logger = logging.getLogger("transformers.integrations.peft")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_load_report(report, adapter, adapter_name: str, model_name: str) -> None:
+    """Raise one `ValueError` naming what of the adapter did not fit the encoder, if anything."""
+    mismatched = sorted(report.mismatched_keys)
+    if mismatched:
+        key, found, expected = mismatched[0]
+        raise ValueError(
+            f"The adapter {adapter} was trained on an encoder of other widths than this one: {key} is "
+            f"{tuple(found)} in the adapter but {tuple(expected)} here. Use an adapter trained on this encoder."
+        )
+    missing = sorted(key for key in report.missing_keys if _LORA_PREFIX in key and f".{adapter_name}." in key)
+    unexpected = sorted(report.unexpected_keys)
+    if missing or unexpected:
+        raise ValueError(
+            f"The adapter {adapter} does not fit this {model_name}: "
+            + (f"no weights for {missing[:3]}; " if missing else "")
+            + (f"weights for layers it lacks: {unexpected[:3]}; " if unexpected else "")
+            + "use an adapter trained on this encoder."
+        )
 
 
 def _adapter_files(adapter: str | os.PathLike, revision: str | None, hub_kwargs: dict) -> tuple[str, str]:

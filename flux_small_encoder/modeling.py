@@ -14,6 +14,7 @@ from transformers import AutoConfig, AutoModel, PreTrainedModel, T5Config, T5Enc
 from transformers.modeling_outputs import BaseModelOutput
 
 from .configuration import DistilledT5Config
+from .private_api import init_t5_weights
 
 # diffusers picks the load method of a component from a foreign module by looking up `PreTrainedModel` in that
 # module: keep the name exported here, or pipelines saved with this encoder no longer load.
@@ -57,7 +58,7 @@ class DistilledT5EncoderModel(PreTrainedModel):
         if module in (self.final_projection[0], self.final_projection[3]):
             nn.init.normal_(module.weight, std=module.in_features**-0.5)
         else:
-            self.encoder._init_weights(module)
+            init_t5_weights(self.encoder, module)
 
     # Refused while LoRA adapters (`flux_small_encoder.lora`) are in place: their layers' keys would not load back into
     # a plain encoder, whose weights would then be silently re-initialised. `wraps` keeps the parent's signature, which
@@ -150,7 +151,7 @@ class DistilledT5EncoderModel(PreTrainedModel):
         config = DistilledT5Config(
             **t5_config, project_out_dim=project_out_dim, projector_dropout=projector_dropout
         )
-        config.base_model_name_or_path = t5_encoder.config._name_or_path or None
+        config.base_model_name_or_path = t5_encoder.config.name_or_path or None
         with torch.device("meta"):
             model = cls(config)
         model.encoder = t5_encoder

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .modeling import DistilledT5EncoderModel
-from .private_api import group_offload_config, offload_device, remove_offload_hooks
-from .registry import hub_kwargs, load_encoder, resolve_encoder
+from .private_api import accelerate_offload, group_offload_config, offload_device
+from .registry import ResolvedEncoder, hub_kwargs, list_pretrained, load_encoder, resolve_encoder
 
 # The pipeline's attribute that keeps the encoder replaced by `patch_encoder`, for `unpatch_encoder`.
 _ORIGINAL_ATTR = "_flux_small_encoder_original"
@@ -30,27 +30,25 @@ class EncoderSlot:
     Args:
         encoder: The pipeline attribute holding the T5 encoder.
         tokenizer: The pipeline attribute holding its tokenizer.
-        width: The config field of `width_module` that the encoder's embeddings must match.
-        max_length: The pipeline's default `max_sequence_length`.
-        width_module: The pipeline component that consumes the embeddings and holds `width` in its config.
+        width_field: The config field of `width_component` that the encoder's embedding width must equal.
+        width_component: The pipeline component that reads the embeddings and holds `width_field` in its config.
     """
 
     encoder: str
     tokenizer: str
-    width: str
-    max_length: int
-    width_module: str = "transformer"
+    width_field: str
+    width_component: str = "transformer"
 
 
 # Pipeline class-name prefix -> slot. A pipeline matches on its own class name or any base class's; the prefix must end
 # a word ("Flux" names FluxImg2ImgPipeline, not Flux2Pipeline, whose text encoder is no T5), and the longest one wins.
 PIPELINE_FAMILIES: dict[str, EncoderSlot] = {
-    "Flux": EncoderSlot("text_encoder_2", "tokenizer_2", "joint_attention_dim", 512),
-    "FluxPriorRedux": EncoderSlot("text_encoder_2", "tokenizer_2", "txt_in_features", 512, "image_embedder"),
-    "StableDiffusion3": EncoderSlot("text_encoder_3", "tokenizer_3", "joint_attention_dim", 256),
-    "Chroma": EncoderSlot("text_encoder", "tokenizer", "joint_attention_dim", 512),
-    "PixArtSigma": EncoderSlot("text_encoder", "tokenizer", "caption_channels", 300),
-    "PixArtAlpha": EncoderSlot("text_encoder", "tokenizer", "caption_channels", 120),
+    "Flux": EncoderSlot("text_encoder_2", "tokenizer_2", "joint_attention_dim"),
+    "FluxPriorRedux": EncoderSlot("text_encoder_2", "tokenizer_2", "txt_in_features", "image_embedder"),
+    "StableDiffusion3": EncoderSlot("text_encoder_3", "tokenizer_3", "joint_attention_dim"),
+    "Chroma": EncoderSlot("text_encoder", "tokenizer", "joint_attention_dim"),
+    "PixArtSigma": EncoderSlot("text_encoder", "tokenizer", "caption_channels"),
+    "PixArtAlpha": EncoderSlot("text_encoder", "tokenizer", "caption_channels"),
 }
 
 
@@ -82,9 +80,14 @@ def patch_encoder(
     Replace the pipeline's T5 encoder with a distilled one, in place, and return the pipeline.
 
     The student follows the pipeline: the dtype of the model that reads its embeddings (the transformer) and the
-    replaced encoder's device, or the pipeline's model CPU offload or group offload if one is enabled. It is registered
-    with `register_modules`, so the patched pipeline saves and loads with `save_pretrained` / `from_pretrained` (import
-    `flux_small_encoder` before loading).
+    replaced encoder's device, or the pipeline's model CPU offload, sequential CPU offload or group offload if one is
+    enabled. It is registered with `register_modules`, so the patched pipeline saves and loads with `save_pretrained` /
+    `from_pretrained` (import `flux_small_encoder` before loading).
+
+    All or nothing: the student is loaded, checked, cast and moved to its device (or given its group offload) before
+    the pipeline is touched, so any failure on the way (a refused student, a device out of memory) leaves the pipeline
+    as it was, and still patchable. A student instance is adopted, not copied: it is checked first, so a refused one
+    is handed back unchanged; once accepted it is cast and moved in place (if the move fails it is moved back).
 
     Args:
         pipe (`DiffusionPipeline`):
@@ -114,25 +117,16 @@ def patch_encoder(
     >>> patch_encoder(pipe, "t5-base-distilled").to("cuda")
     ```
     """
-    slot = find_encoder_slot(pipe)
-    dtype = dtype or getattr(pipe, slot.width_module).dtype
-    if isinstance(encoder, DistilledT5EncoderModel):
-        student = encoder
-    else:
-        student = load_encoder(encoder, dtype=dtype, revision=revision, **from_pretrained_kwargs)
-    student = cast_encoder(student, dtype).eval()
-    check_compatible(pipe, student, slot)
-    if getattr(pipe, slot.tokenizer, None) is None:
-        tokenizer = _load_tokenizer(encoder, revision, from_pretrained_kwargs)
-        check_compatible(pipe, student, slot, tokenizer)
-        pipe.register_modules(**{slot.tokenizer: tokenizer})
-
-    if not hasattr(pipe, _ORIGINAL_ATTR):
-        original = getattr(pipe, slot.encoder, None)
-        setattr(pipe, _ORIGINAL_ATTR, original if keep_original or original is None else _RELEASED)
-        del original  # no reference may outlive the swap, or its memory is not returned
-    _swap(pipe, slot, student, device)
-    return pipe
+    if not isinstance(encoder, (str, os.PathLike, DistilledT5EncoderModel)):
+        raise TypeError(
+            f"patch_encoder takes a registry name ({', '.join(list_pretrained())}), a folder written by "
+            f"`save_pretrained`, a Hub repo id or a DistilledT5EncoderModel, not {type(encoder).__name__}. A plain T5 "
+            "encoder has no projector to the pipeline's width: use a distilled checkpoint (`flux-small-encoder "
+            "convert` reads other layouts)."
+        )
+    if not isinstance(encoder, DistilledT5EncoderModel):
+        encoder = resolve_encoder(encoder, revision)
+    return _patch(pipe, encoder, dtype, device, keep_original, from_pretrained_kwargs)
 
 
 def unpatch_encoder(pipe):
@@ -140,6 +134,8 @@ def unpatch_encoder(pipe):
 
     Needs `patch_encoder(..., keep_original=True)` unless the pipeline had no encoder (as with `load_pipeline`).
     """
+    from diffusers.training_utils import free_memory
+
     slot = find_encoder_slot(pipe)
     if not hasattr(pipe, _ORIGINAL_ATTR):
         raise ValueError(f"{type(pipe).__name__} was not patched by flux_small_encoder: there is nothing to restore.")
@@ -149,8 +145,11 @@ def unpatch_encoder(pipe):
             f"The original {slot.encoder} was released when the pipeline was patched, to return its memory. Patch "
             "with `keep_original=True` to be able to unpatch, or load the pipeline again."
         )
-    _swap(pipe, slot, original, device=None)
+    if original is not None:
+        _place(pipe, slot, original, dtype=None, device=None)
+    _swap(pipe, slot, original)
     delattr(pipe, _ORIGINAL_ATTR)
+    free_memory()
     return pipe
 
 
@@ -189,10 +188,10 @@ def load_pipeline(
         pipeline_cls = FluxPipeline
     slot = find_encoder_slot(pipeline_cls)
     if not isinstance(encoder, DistilledT5EncoderModel):
-        resolve_encoder(encoder)  # fail on a bad name before reading the pipeline's weights
+        encoder = resolve_encoder(encoder, encoder_revision)  # a bad name fails before the pipeline's weights are read
     pipe = pipeline_cls.from_pretrained(model, **{slot.encoder: None}, **from_pretrained_kwargs)
     dtype = from_pretrained_kwargs.get("dtype") or from_pretrained_kwargs.get("torch_dtype")
-    return patch_encoder(pipe, encoder, dtype=dtype, revision=encoder_revision, **hub_kwargs(from_pretrained_kwargs))
+    return _patch(pipe, encoder, dtype, None, False, hub_kwargs(from_pretrained_kwargs))
 
 
 def cast_encoder(encoder: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -210,13 +209,14 @@ def check_compatible(pipe, student: DistilledT5EncoderModel, slot: EncoderSlot |
     """Raise a `ValueError` naming both numbers if the student cannot serve this pipeline (with `tokenizer`, if given,
     in place of the pipeline's own)."""
     slot = slot or find_encoder_slot(pipe)
-    consumer = getattr(pipe, slot.width_module)
-    expected = getattr(consumer.config, slot.width)
+    consumer = getattr(pipe, slot.width_component)
+    expected = getattr(consumer.config, slot.width_field)
     produced = student.config.project_out_dim
     if produced != expected:
         raise ValueError(
             f"The encoder produces {produced}-wide embeddings but {type(consumer).__name__} expects "
-            f"{slot.width}={expected}. Use an encoder distilled for this transformer (project_out_dim={expected})."
+            f"{slot.width_field}={expected}. Use an encoder distilled for this transformer "
+            f"(project_out_dim={expected})."
         )
     tokenizer = tokenizer if tokenizer is not None else getattr(pipe, slot.tokenizer, None)
     vocab = student.config.vocab_size
@@ -227,33 +227,77 @@ def check_compatible(pipe, student: DistilledT5EncoderModel, slot: EncoderSlot |
         )
 
 
-def _swap(pipe, slot: EncoderSlot, new: nn.Module | None, device) -> None:
-    """Put `new` in the encoder slot, carrying over the pipeline's offload state, and free the old encoder.
-
-    Accelerate's hooks (model or sequential CPU offload) are removed and re-applied to the whole pipeline, as
-    diffusers' LoRA and textual-inversion loaders do; group offloading is applied to `new` as the pipeline has it.
-    """
+def _patch(pipe, source: ResolvedEncoder | DistilledT5EncoderModel, dtype, device, keep_original: bool, kwargs: dict):
+    """`patch_encoder` once its `encoder` argument is resolved: everything that can fail happens before the swap."""
     from diffusers.training_utils import free_memory
+
+    slot = find_encoder_slot(pipe)
+    dtype = dtype or getattr(pipe, slot.width_component).dtype
+    if isinstance(source, DistilledT5EncoderModel):
+        student = source
+    else:
+        student = load_encoder(source, dtype=dtype, **kwargs)
+    # Checked before any cast, so that a refused instance comes back as it was.
+    check_compatible(pipe, student, slot)
+    tokenizer = None
+    if getattr(pipe, slot.tokenizer, None) is None:
+        tokenizer = _load_tokenizer(source, kwargs)
+        check_compatible(pipe, student, slot, tokenizer)
+    _place(pipe, slot, student.eval(), dtype, device)
+
+    original = getattr(pipe, slot.encoder, None)
+    _swap(pipe, slot, student, tokenizer)
+    if not hasattr(pipe, _ORIGINAL_ATTR):
+        setattr(pipe, _ORIGINAL_ATTR, original if keep_original or original is None else _RELEASED)
+    del original  # no reference may outlive the swap, or its memory is not returned
+    free_memory()
+    return pipe
+
+
+def _place(pipe, slot: EncoderSlot, encoder: nn.Module, dtype: torch.dtype | None, device) -> None:
+    """Cast `encoder` and put it where the pipeline will run it, without touching the pipeline.
+
+    Under group offload it gets the pipeline's group-offload settings; under model or sequential CPU offload it stays
+    where it is, for `_swap` to hook it with the rest of the pipeline; otherwise it moves to `device`, by default the
+    execution device of the encoder it replaces (else of the width component).
+    """
     from diffusers.utils.torch_utils import get_module_execution_device
 
-    old = getattr(pipe, slot.encoder, None)
+    if dtype is not None:
+        cast_encoder(encoder, dtype)
     modules = [module for module in pipe.components.values() if isinstance(module, nn.Module)]
-    group_configs = [config for config in map(group_offload_config, modules) if config is not None]
+    group_config = next((config for config in map(group_offload_config, modules) if config is not None), None)
+    if group_config is not None:
+        if group_offload_config(encoder) is None:
+            _apply_group_offload_like(encoder, group_config)
+        return
+    if accelerate_offload(pipe) is not None:
+        return
     if device is None:
-        device = get_module_execution_device(old if old is not None else getattr(pipe, slot.width_module))
-    model_offload, sequential_offload = remove_offload_hooks(pipe)
+        current = getattr(pipe, slot.encoder, None)
+        device = get_module_execution_device(current if current is not None else getattr(pipe, slot.width_component))
+    previous = next(encoder.parameters()).device
+    try:
+        encoder.to(device)
+    except BaseException:
+        encoder.to(previous)  # give back what a half-done move took, such as device memory after an out-of-memory
+        raise
 
-    pipe.register_modules(**{slot.encoder: new})
-    if model_offload:
+
+def _swap(pipe, slot: EncoderSlot, new: nn.Module | None, tokenizer=None) -> None:
+    """Register `new` (and `tokenizer`, if given) in the slot.
+
+    Under model or sequential CPU offload, accelerate's hooks are removed first and the same offload is enabled again
+    on the whole pipeline, so the new encoder gets its hooks: what diffusers' LoRA and textual-inversion loaders do.
+    """
+    offload = accelerate_offload(pipe)
+    if offload is not None:
+        pipe.remove_all_hooks()
+    pipe.register_modules(**{slot.encoder: new}, **({slot.tokenizer: tokenizer} if tokenizer is not None else {}))
+    if offload == "model":
         pipe.enable_model_cpu_offload(device=offload_device(pipe))
-    elif sequential_offload:
+    elif offload == "sequential":
         pipe.enable_sequential_cpu_offload(device=offload_device(pipe))
-    elif new is not None and group_configs:
-        _apply_group_offload_like(new, group_configs[0])
-    elif new is not None:
-        new.to(device)
-    del old
-    free_memory()
 
 
 def _apply_group_offload_like(module: nn.Module, config) -> None:
@@ -274,21 +318,25 @@ def _apply_group_offload_like(module: nn.Module, config) -> None:
     )
 
 
-def _load_tokenizer(encoder, revision: str | None, from_pretrained_kwargs: dict):
+def _load_tokenizer(source: ResolvedEncoder | DistilledT5EncoderModel, from_pretrained_kwargs: dict):
     """The student's tokenizer for a pipeline loaded without one: the registry's source, else the encoder's files."""
     from transformers import AutoTokenizer
 
-    if isinstance(encoder, DistilledT5EncoderModel):
+    if isinstance(source, DistilledT5EncoderModel):
         raise ValueError(
             "The pipeline has no T5 tokenizer and an encoder instance carries none: load the pipeline with its "
             "tokenizer, or register one with `pipe.register_modules(...)` before patching."
         )
-    resolved = resolve_encoder(encoder, revision)
-    source = resolved.spec.tokenizer if resolved.spec is not None else resolved.path
+    # A registry entry names the tokenizer's own repo, to which the encoder's revision does not apply.
+    if source.spec is not None:
+        location, revision = source.spec.tokenizer, None
+    else:
+        location, revision = source.path, source.revision
     try:
-        return AutoTokenizer.from_pretrained(source, **hub_kwargs(from_pretrained_kwargs))
+        return AutoTokenizer.from_pretrained(location, revision=revision, **hub_kwargs(from_pretrained_kwargs))
     except (OSError, ValueError) as error:
         raise ValueError(
-            f"The pipeline has no T5 tokenizer and none could be loaded from {source!r} ({error}). Load the pipeline "
-            "with its tokenizer (the teacher's T5 v1.1 tokenizer serves the distilled encoders)."
+            f"The pipeline has no T5 tokenizer and none could be loaded from {location!r} ({error}). Load the "
+            "pipeline with its tokenizer (the teacher's T5 v1.1 tokenizer serves the distilled encoders)."
         ) from error
+

@@ -1,9 +1,10 @@
-"""The private names of diffusers and accelerate that flux-small-encoder relies on, all in this one module.
+"""The private names of diffusers, accelerate and transformers that flux-small-encoder relies on, all in this module.
 
 A private name may move or change shape in any release of its library. The package reaches each one only through a
-function here, and `PRIVATE_NAMES` lists them with the parameters they are called with: `tests/test_private_api.py`
-checks every entry against the installed versions and fails naming them, so an upgrade that moves a name breaks one
-test here rather than a user's run.
+function here. `PRIVATE_NAMES` lists those that can be looked up in their module, with the parameters they are called
+with; the two attributes that are only set at run time (`OFFLOAD_DEVICE_ATTRIBUTE`, `ACCELERATE_HOOK_ATTRIBUTE`) are
+checked by running what sets them. `tests/test_private_api.py` checks all of them against the installed versions and
+fails naming them, so an upgrade that moves a name breaks one test here rather than a user's run.
 """
 
 from __future__ import annotations
@@ -16,18 +17,19 @@ from importlib.metadata import PackageNotFoundError, version
 
 @dataclass(frozen=True)
 class PrivateName:
-    """A private callable of another library, and how this package uses it.
+    """A private callable or class attribute of another library, and how this package uses it.
 
     Args:
         module: The module it lives in.
         qualname: Its name in the module (`Class.method` for a method).
-        parameters: The parameter names it must take, in order (what this package passes).
+        parameters: The parameter names a callable must take, in order (what this package passes); `None` for an
+            attribute, which only has to exist.
         used_for: Why the package needs it.
     """
 
     module: str
     qualname: str
-    parameters: tuple[str, ...]
+    parameters: tuple[str, ...] | None
     used_for: str
 
     @property
@@ -35,11 +37,15 @@ class PrivateName:
         return self.module.split(".")[0]
 
     def resolve(self):
-        """The object itself; `AttributeError` / `ImportError` if it moved."""
-        value = importlib.import_module(self.module)
-        for part in self.qualname.split("."):
-            value = getattr(value, part)
-        return value
+        """The object itself; `AttributeError` / `ImportError` if it moved, or if a class only inherits it now (the
+        package relies on that class's own)."""
+        owner = importlib.import_module(self.module)
+        *path, name = self.qualname.split(".")
+        for part in path:
+            owner = getattr(owner, part)
+        if name not in vars(owner):
+            raise AttributeError(f"{owner.__name__} has no attribute {name!r} of its own")
+        return getattr(owner, name)
 
     def problem(self) -> str | None:
         """Why the installed library no longer offers this name as used here, or `None` if it does."""
@@ -48,6 +54,8 @@ class PrivateName:
             value = self.resolve()
         except (ImportError, AttributeError) as error:
             return f"{where} is gone ({error}) in {installed_versions()}; it is used to {self.used_for}."
+        if self.parameters is None:
+            return None
         found = tuple(inspect.signature(value).parameters)
         if found != self.parameters:
             return (
@@ -60,10 +68,6 @@ class PrivateName:
 _FLUX = "diffusers.pipelines.flux.pipeline_flux"
 
 PRIVATE_NAMES = (
-    PrivateName(
-        "diffusers.loaders.lora_base", "_func_optionally_disable_offloading", ("_pipeline",),
-        "remove a pipeline's accelerate offload hooks before its encoder is swapped, as diffusers' loaders do",
-    ),
     PrivateName(
         "diffusers.hooks.group_offloading", "_get_top_level_group_offload_hook", ("module",),
         "read a component's group-offload settings so that the new encoder gets the same ones",
@@ -84,10 +88,27 @@ PRIVATE_NAMES = (
         _FLUX, "FluxPipeline._prepare_latent_image_ids", ("batch_size", "height", "width", "device", "dtype"),
         "make the image tokens' positional ids exactly as FluxPipeline does",
     ),
+    PrivateName(
+        "transformers.integrations.peft", "PeftAdapterMixin._hf_peft_config_loaded", None,
+        "mark an encoder whose last LoRA adapter was removed as a plain model again, so `save_pretrained` writes all "
+        "its weights and `load_adapter` starts afresh",
+    ),
+    PrivateName(
+        "transformers.models.t5.modeling_t5", "T5PreTrainedModel._init_weights", ("self", "module"),
+        "initialise the student's T5 layers exactly as transformers initialises T5",
+    ),
 )
 
 # The attribute `DiffusionPipeline.enable_model_cpu_offload` / `enable_sequential_cpu_offload` set to their device.
 OFFLOAD_DEVICE_ATTRIBUTE = "_offload_device"
+# The attribute `accelerate.hooks.add_hook_to_module` sets to a module's hook (model and sequential CPU offload).
+ACCELERATE_HOOK_ATTRIBUTE = "_hf_hook"
+# The attribute where transformers keeps the weight renamings a model was loaded with, to undo them in
+# `save_pretrained`; `PeftAdapterMixin.load_adapter` overwrites it with the adapter's.
+WEIGHT_CONVERSIONS_ATTRIBUTE = "_weight_conversions"
+
+
+_ABSENT = object()
 
 
 def installed_versions() -> str:
@@ -108,14 +129,23 @@ def _get(qualname: str):
 # --- offloading (patching) ------------------------------------------------------------------------------------------
 
 
-def remove_offload_hooks(pipe) -> tuple[bool, bool]:
-    """Remove the accelerate hooks of model or sequential CPU offload from every component of `pipe`.
+def accelerate_offload(pipe) -> str | None:
+    """`"model"` or `"sequential"` if that CPU offload is enabled on `pipe`, else `None`; changes nothing.
 
-    Returns:
-        `(model_offload, sequential_offload)`: which of the two was enabled, to enable it again afterwards.
+    A pipeline dispatched with a `device_map` carries accelerate hooks too, but is not offloaded.
     """
-    model_offload, sequential_offload, _ = _get("_func_optionally_disable_offloading")(pipe)
-    return model_offload, sequential_offload
+    from accelerate.hooks import AlignDevicesHook, CpuOffload, SequentialHook
+
+    if pipe.hf_device_map is not None:
+        return None
+    for component in pipe.components.values():
+        hook = getattr(component, ACCELERATE_HOOK_ATTRIBUTE, None)
+        hooks = hook.hooks if isinstance(hook, SequentialHook) else [hook]
+        if any(isinstance(hook, CpuOffload) for hook in hooks):
+            return "model"
+        if any(isinstance(hook, AlignDevicesHook) for hook in hooks):
+            return "sequential"
+    return None
 
 
 def offload_device(pipe):
@@ -149,3 +179,35 @@ def pack_latents(latents, batch_size: int, channels: int, height: int, width: in
 def latent_image_ids(batch_size: int, height: int, width: int, device, dtype):
     """FLUX's positional ids of the packed image tokens (`height` and `width` of the packed grid)."""
     return _get("FluxPipeline._prepare_latent_image_ids")(batch_size, height, width, device, dtype)
+
+
+# --- transformers (modeling, LoRA) -----------------------------------------------------------------------------------
+
+
+def init_t5_weights(t5_model, module) -> None:
+    """Initialise `module`, a layer of `t5_model`, as transformers' T5 does."""
+    _get("T5PreTrainedModel._init_weights")(t5_model, module)
+
+
+def load_peft_adapter(model, **kwargs):
+    """`model.load_adapter(**kwargs)` (transformers' `PeftAdapterMixin`), keeping the model's own weight conversions.
+
+    transformers 5.24's `load_adapter` replaces them with the adapter's (`base_model.model.X` -> `X`), so a later
+    `save_pretrained` of the model, once its adapters are fused and removed, writes every weight as
+    `base_model.model.X` and the saved model no longer loads.
+    """
+    conversions = model.__dict__.get(WEIGHT_CONVERSIONS_ATTRIBUTE, _ABSENT)
+    try:
+        return model.load_adapter(**kwargs)
+    finally:
+        if conversions is _ABSENT:
+            model.__dict__.pop(WEIGHT_CONVERSIONS_ATTRIBUTE, None)
+        else:
+            setattr(model, WEIGHT_CONVERSIONS_ATTRIBUTE, conversions)
+
+
+def forget_peft_adapters(model) -> None:
+    """Make a model whose adapters were all removed a plain model again, as `PeftAdapterMixin.delete_adapter` does."""
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+    model._hf_peft_config_loaded = False

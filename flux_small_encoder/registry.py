@@ -127,7 +127,7 @@ def resolve_encoder(encoder: str | os.PathLike, revision: str | None = None) -> 
 
 
 def load_encoder(
-    encoder: str | os.PathLike,
+    encoder: str | os.PathLike | ResolvedEncoder,
     *,
     dtype: torch.dtype | None = None,
     revision: str | None = None,
@@ -136,7 +136,8 @@ def load_encoder(
     """Load a distilled encoder by registry name, local folder or Hub repo id, refusing incomplete weights.
 
     Args:
-        encoder: A name from `list_pretrained()`, a folder written by `save_pretrained`, or a Hub repo id.
+        encoder: A name from `list_pretrained()`, a folder written by `save_pretrained`, or a Hub repo id (or what
+            `resolve_encoder` made of one, which `revision` does not change).
         dtype: Load in this dtype (T5's `wo` stays in float32 under float16, as in transformers).
         revision: Hub branch, tag or commit; overrides the registry's revision.
         from_pretrained_kwargs: Passed to `from_pretrained` (`token`, `cache_dir`, `local_files_only`, ...).
@@ -147,7 +148,7 @@ def load_encoder(
     """
     from .modeling import DistilledT5EncoderModel
 
-    resolved = resolve_encoder(encoder, revision)
+    resolved = encoder if isinstance(encoder, ResolvedEncoder) else resolve_encoder(encoder, revision)
     if resolved.revision is not None:
         from_pretrained_kwargs["revision"] = resolved.revision
     try:

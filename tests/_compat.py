@@ -1,4 +1,4 @@
-"""Shared pieces of the compatibility tests: test images, a 2-step generation, and a probe on the student's calls."""
+"""Shared pieces of the compatibility tests: test images and a probe on the student's calls."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import numpy as np
 import torch
 from PIL import Image
 
-PROMPT = "a red cube on a blue sphere"
 SIZE = 32
 
 
@@ -21,17 +20,9 @@ def sample_mask() -> Image.Image:
     return Image.fromarray(mask)
 
 
-def generate(pipe, **kwargs) -> np.ndarray:
-    """A 2-step 32x32 generation with a fixed seed; `prompt` goes by keyword (Kontext takes `image` first)."""
-    kwargs = {
-        "prompt": PROMPT, "height": SIZE, "width": SIZE, "num_inference_steps": 2, "max_sequence_length": 48,
-        "output_type": "np", "generator": torch.Generator("cpu").manual_seed(0), **kwargs,
-    }
-    return pipe(**kwargs).images
-
-
 class CallRecorder:
-    """Records the output shape of every forward call of a module (here: the student inside a pipeline)."""
+    """Records the output shape of every forward call of a module (here: the student inside a pipeline), and whether
+    an attention mask was passed."""
 
     def __init__(self, module: torch.nn.Module):
         self.shapes: list[tuple] = []

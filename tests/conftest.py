@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from flux_small_encoder.tiny import tiny_flux_components, tiny_student  # noqa: E402
+from flux_small_encoder import tiny  # noqa: E402
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 PROMPT = "a cat holding a sign that says hello"
@@ -88,10 +88,41 @@ def write_public_layout(student, folder: Path) -> Path:
     return folder
 
 
+# Tiny components, built once per session. Tests never change these: they take deep copies (`make_pipe`,
+# `fresh_student`, `build_pipeline`), so one test's patching, offload hooks or LoRA never leak into another.
+
+
 @pytest.fixture(scope="session")
 def flux_components():
-    """Tiny FLUX components; tests take copies through `make_pipe`, never mutate these."""
-    return tiny_flux_components()
+    """Tiny FLUX components."""
+    return tiny.tiny_flux_components()
+
+
+@pytest.fixture(scope="session")
+def flux_variant_parts():
+    """What the other FLUX pipelines add to `flux_components`: transformers for Control / Fill, ControlNets."""
+    return {
+        "control_transformer": tiny.tiny_flux_transformer(in_channels=8, out_channels=4),
+        "fill_transformer": tiny.tiny_flux_transformer(in_channels=12, out_channels=4),
+        "controlnet": tiny.tiny_flux_controlnet(),
+        "union_controlnet": tiny.tiny_flux_controlnet(num_mode=4),
+    }
+
+
+@pytest.fixture(scope="session")
+def redux_components():
+    """The image side of a tiny `FluxPriorReduxPipeline` (SigLIP, its processor, the Redux embedder)."""
+    return tiny.tiny_redux_components()
+
+
+@pytest.fixture(scope="session")
+def family_components():
+    """Tiny components of the other T5-conditioned families, by builder: SD3, Chroma, PixArt (Sigma and Alpha)."""
+    return {
+        "sd3": tiny.tiny_sd3_components(),
+        "chroma": tiny.tiny_chroma_components(),
+        "pixart": tiny.tiny_pixart_components(),
+    }
 
 
 @pytest.fixture
@@ -100,15 +131,20 @@ def make_pipe(flux_components):
     from diffusers import FluxPipeline
 
     def make(**overrides):
-        components = {**copy.deepcopy(flux_components), **overrides}
-        return FluxPipeline(**components)
+        return build_pipeline(FluxPipeline, flux_components, **overrides)
 
     return make
 
 
 @pytest.fixture(scope="session")
 def student():
-    return tiny_student()
+    return tiny.tiny_student()
+
+
+@pytest.fixture
+def fresh_student(student):
+    """A copy of the session's student: patching adopts the instance it is given (casts it, hooks it for offload)."""
+    return copy.deepcopy(student)
 
 
 @pytest.fixture(scope="session")
@@ -124,10 +160,21 @@ def seeded_hub(public_checkpoint) -> Path:
     return seed_hub_cache("LifuWang/DistillT5", files)
 
 
-def run_pipe(pipe, prompt: str = PROMPT, **kwargs):
-    """A 2-step 32x32 generation with a fixed seed, as a numpy array."""
+def build_pipeline(pipeline_cls, components: dict, **overrides):
+    """A pipeline of `pipeline_cls` (a class or its name in diffusers) from deep copies of `components`; `overrides`
+    replace or add components as they are."""
+    import diffusers
+
+    if isinstance(pipeline_cls, str):
+        pipeline_cls = getattr(diffusers, pipeline_cls)
+    return pipeline_cls(**{**copy.deepcopy(components), **overrides})
+
+
+def run_pipe(pipe, prompt: str | None = PROMPT, **kwargs):
+    """A 2-step 32x32 generation with a fixed seed, as a numpy array (`prompt` goes by keyword: Kontext takes `image`
+    first)."""
     kwargs = {
         "height": 32, "width": 32, "num_inference_steps": 2, "max_sequence_length": 48, "output_type": "np",
         "generator": torch.Generator("cpu").manual_seed(0), **kwargs,
     }
-    return pipe(prompt, **kwargs).images
+    return pipe(prompt=prompt, **kwargs).images

@@ -1,7 +1,9 @@
-"""Each script in examples/ runs end to end with `--tiny` (tiny random models, offline), in this process."""
+"""Each script in examples/ runs end to end with `--tiny` (tiny random models, offline), in this process; they share
+their option names, and none replaces an existing image without `--overwrite`."""
 
 from __future__ import annotations
 
+import re
 import runpy
 from pathlib import Path
 
@@ -9,20 +11,51 @@ import pytest
 from PIL import Image
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SCRIPTS = sorted(path.name for path in EXAMPLES.glob("*.py"))
+# The options every example takes, with the meaning `flux-small-encoder generate` gives them.
+SHARED_OPTIONS = {
+    "--model", "--encoder", "--prompt", "--steps", "--guidance", "--height", "--width", "--seed", "--out",
+    "--overwrite", "--offload", "--tiny",
+}
+# Options that make a tiny run exercise more of an example.
+EXTRA_OPTIONS = {"lora_flux.py": ["--fuse"]}
 compat = pytest.mark.compat
 
 
-@pytest.mark.parametrize(
-    "script, options",
-    [
-        pytest.param("controlnet_flux.py", [], marks=compat("Examples", "examples/controlnet_flux.py --tiny")),
-        pytest.param("lora_flux.py", ["--fuse"], marks=compat("Examples", "examples/lora_flux.py --tiny --fuse")),
-        pytest.param("sd3_student.py", [], marks=compat("Examples", "examples/sd3_student.py --tiny")),
-    ],
-)
+def example_main(script: str):
+    return runpy.run_path(str(EXAMPLES / script), run_name="example")["main"]
+
+
+def tiny_run(script: str):
+    """The parameters of one `--tiny` run of `script`, marked as a compatibility claim."""
+    options = EXTRA_OPTIONS.get(script, [])
+    feature = " ".join([f"examples/{script}", "--tiny", *options])
+    return pytest.param(script, options, marks=compat("Examples", feature), id=script)
+
+
+@pytest.mark.parametrize("script, options", [tiny_run(script) for script in SCRIPTS])
 def test_example_runs_tiny(script, options, tmp_path, capsys):
-    main = runpy.run_path(str(EXAMPLES / script))["main"]
-    output = tmp_path / "image.png"
-    main(["--tiny", "--output", str(output), *options])
-    assert Image.open(output).size == (32, 32)
-    assert f"saved {output}" in capsys.readouterr().out
+    out = tmp_path / "image.png"
+    out.write_bytes(b"an older image")
+    example_main(script)(["--tiny", "--out", str(out), "--overwrite", *options])
+    assert Image.open(out).size == (32, 32)
+    assert f"wrote {out}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_example_refuses_to_replace_an_image(script, tmp_path, capsys):
+    out = tmp_path / "image.png"
+    out.write_bytes(b"an older image")
+    with pytest.raises(SystemExit) as exit_info:
+        example_main(script)(["--tiny", "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert f"{out} already exists: choose another --out, or pass --overwrite to replace it." in capsys.readouterr().err
+    assert out.read_bytes() == b"an older image"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_examples_share_option_names(script, capsys):
+    with pytest.raises(SystemExit):
+        example_main(script)(["--help"])
+    options = set(re.findall(r"(--[a-z][a-z-]*)", capsys.readouterr().out))
+    assert SHARED_OPTIONS <= options, f"{script} lacks {sorted(SHARED_OPTIONS - options)}"

@@ -1,4 +1,3 @@
-import copy
 import gc
 import shutil
 import weakref
@@ -11,12 +10,6 @@ from flux_small_encoder import DistilledT5EncoderModel, load_pipeline, patch_enc
 from flux_small_encoder.tiny import tiny_student
 
 from .conftest import PROMPT, run_pipe
-
-
-@pytest.fixture
-def fresh_student(student):
-    """A copy of the session's student: patching adopts the instance it is given (casts it, hooks it for offload)."""
-    return copy.deepcopy(student)
 
 
 def _student_embeddings(pipe, student, max_length=48):
@@ -32,7 +25,7 @@ def test_patched_image_equals_unpatched_fed_student_embeddings(make_pipe, seeded
     patched = run_pipe(pipe)
 
     reference = make_pipe()  # still holds the teacher
-    pooled = reference._get_clip_prompt_embeds(PROMPT, device="cpu")
+    _, pooled, _ = reference.encode_prompt(PROMPT, None, max_sequence_length=48)
     embeds = _student_embeddings(reference, pipe.text_encoder_2)
     by_hand = run_pipe(reference, prompt=None, prompt_embeds=embeds, pooled_prompt_embeds=pooled)
     assert abs(patched - by_hand).max() == 0
@@ -56,23 +49,98 @@ def test_follows_transformer_dtype_and_keeps_wo_in_float32(make_pipe, public_che
     assert wo.weight.dtype == torch.float32
 
 
-def test_width_mismatch_is_refused_before_any_change(make_pipe):
-    pipe = make_pipe()
-    teacher = pipe.text_encoder_2
-    with pytest.raises(ValueError, match=r"48-wide.*joint_attention_dim=32"):
-        patch_encoder(pipe, tiny_student(project_out_dim=48))
-    assert pipe.text_encoder_2 is teacher and pipe.config.text_encoder_2[1] == "T5EncoderModel"
+def assert_unpatched(pipe, teacher):
+    """`pipe` still holds `teacher`, records it in its config, and was never marked as patched."""
+    assert pipe.text_encoder_2 is teacher and pipe.config.text_encoder_2 == ("transformers", "T5EncoderModel")
     assert not hasattr(pipe, "_flux_small_encoder_original")
 
 
-def test_tokenizer_beyond_vocabulary_is_refused(make_pipe):
-    small = tiny_student()
-    small.resize_token_embeddings(100)
-    small.config.vocab_size = 100
+def test_width_mismatch_is_refused_before_any_change(make_pipe, fresh_student):
+    pipe = make_pipe().to(torch.bfloat16)
+    teacher = pipe.text_encoder_2
+    wide = tiny_student(project_out_dim=48)
+    with pytest.raises(ValueError, match=r"48-wide.*joint_attention_dim=32"):
+        patch_encoder(pipe, wide)
+    assert_unpatched(pipe, teacher)
+    assert wide.dtype == torch.float32  # the refused instance was not cast to the transformer's bfloat16
+    assert patch_encoder(pipe, fresh_student).text_encoder_2.dtype == torch.bfloat16  # and the pipeline still patches
+
+
+def test_failed_move_leaves_the_pipeline_unchanged_and_patchable(make_pipe, public_checkpoint, fresh_student,
+                                                                 monkeypatch):
+    real_to, moves = DistilledT5EncoderModel.to, []
+
+    def out_of_memory(self, *args, **kwargs):
+        device = next((arg for arg in args if isinstance(arg, torch.device)), None)
+        if device is not None:
+            moves.append(device)
+        if device == torch.device("cuda"):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+        return real_to(self, *args, **kwargs)
+
+    monkeypatch.setattr(DistilledT5EncoderModel, "to", out_of_memory)
     pipe = make_pipe()
+    teacher = pipe.text_encoder_2
+    for encoder in (public_checkpoint, fresh_student):
+        with pytest.raises(torch.OutOfMemoryError, match="CUDA out of memory"):
+            patch_encoder(pipe, encoder, device=torch.device("cuda"))
+        assert_unpatched(pipe, teacher)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert moves == [cuda, cpu, cuda, cpu]  # each student moved back to where it was, to free what the move took
+    assert isinstance(patch_encoder(pipe, fresh_student).text_encoder_2, DistilledT5EncoderModel)
+    assert run_pipe(pipe).shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("encoder", [None, 123, "T5EncoderModel"])
+def test_what_is_not_an_encoder_is_refused_saying_what_is(make_pipe, encoder):
+    if encoder == "T5EncoderModel":
+        encoder = make_pipe().text_encoder_2
+    pipe = make_pipe()
+    teacher = pipe.text_encoder_2
+    with pytest.raises(TypeError, match=r"patch_encoder takes a registry name \(t5-base-distilled\), a folder"):
+        patch_encoder(pipe, encoder)
+    assert_unpatched(pipe, teacher)
+
+
+def _tokenizer_in_hub_cache() -> None:
+    """The tiny T5 tokenizer cached as the registry's tokenizer source, `google/t5-v1_1-xxl`."""
+    import tempfile
+    from pathlib import Path
+
+    from flux_small_encoder.tiny import tiny_t5_config, tiny_t5_tokenizer
+
+    from .conftest import seed_hub_cache
+
+    with tempfile.TemporaryDirectory() as folder:
+        tiny_t5_tokenizer().save_pretrained(folder)
+        tiny_t5_config().save_pretrained(folder)  # the real repo has a config.json beside its tokenizer
+        seed_hub_cache("google/t5-v1_1-xxl", {path.name: path for path in Path(folder).iterdir()})
+
+
+def test_encoder_argument_is_resolved_once(make_pipe, seeded_hub, monkeypatch):
+    from flux_small_encoder import patching, registry
+
+    resolve, calls = registry.resolve_encoder, []
+
+    def counting(*args, **kwargs):
+        calls.append(args[0])
+        return resolve(*args, **kwargs)
+
+    for module in (registry, patching):
+        monkeypatch.setattr(module, "resolve_encoder", counting)
+    _tokenizer_in_hub_cache()
+    patch_encoder(make_pipe(tokenizer_2=None), "t5-base-distilled")  # loads the encoder, then its tokenizer
+    assert calls == ["t5-base-distilled"]
+
+
+def test_tokenizer_beyond_vocabulary_is_refused(make_pipe, fresh_student):
+    fresh_student.resize_token_embeddings(100)
+    fresh_student.config.vocab_size = 100
+    pipe = make_pipe()
+    teacher = pipe.text_encoder_2
     with pytest.raises(ValueError, match=r"tokenizer_2 has 237 tokens .* holds 100"):
-        patch_encoder(pipe, small)
-    assert type(pipe.text_encoder_2).__name__ == "T5EncoderModel"
+        patch_encoder(pipe, fresh_student)
+    assert_unpatched(pipe, teacher)
 
 
 def test_patched_pipeline_saves_and_loads(make_pipe, public_checkpoint, tmp_path):
@@ -109,29 +177,6 @@ def test_unpatch_after_release_says_how_to_keep_it(make_pipe, fresh_student):
         unpatch_encoder(pipe)
 
 
-def test_model_cpu_offload_enabled_before_patching(make_pipe, fresh_student):
-    pipe = make_pipe()
-    pipe.enable_model_cpu_offload(device="cpu")
-    teacher = weakref.ref(pipe.text_encoder_2)
-    patch_encoder(pipe, fresh_student)
-    gc.collect()
-    assert teacher() is None
-    assert hasattr(pipe.text_encoder_2, "_hf_hook")
-    reference = patch_encoder(make_pipe(), fresh_student)
-    assert abs(run_pipe(pipe) - run_pipe(reference)).max() < 1e-6
-
-
-def test_group_offload_enabled_before_patching(make_pipe, fresh_student):
-    from diffusers.hooks.group_offloading import _is_group_offload_enabled
-
-    pipe = make_pipe()
-    pipe.enable_group_offload(onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
-    patch_encoder(pipe, fresh_student)
-    assert _is_group_offload_enabled(pipe.text_encoder_2)
-    reference = patch_encoder(make_pipe(), fresh_student)
-    assert abs(run_pipe(pipe) - run_pipe(reference)).max() < 1e-6
-
-
 def test_load_pipeline_never_reads_the_teacher(make_pipe, seeded_hub, tmp_path):
     make_pipe().save_pretrained(tmp_path)
     shutil.rmtree(tmp_path / "text_encoder_2")  # the teacher's weights are gone: loading them would fail
@@ -158,14 +203,8 @@ def test_unsupported_pipeline_is_refused(fresh_student):
         patch_encoder(pipe, fresh_student)
 
 
-def test_missing_tokenizer_comes_from_the_registry_source(make_pipe, seeded_hub, tmp_path):
-    from flux_small_encoder.tiny import tiny_t5_config, tiny_t5_tokenizer
-
-    from .conftest import seed_hub_cache
-
-    tiny_t5_tokenizer().save_pretrained(tmp_path)
-    tiny_t5_config().save_pretrained(tmp_path)  # the real repo has a config.json beside its tokenizer
-    seed_hub_cache("google/t5-v1_1-xxl", {p.name: p for p in tmp_path.iterdir()})
+def test_missing_tokenizer_comes_from_the_registry_source(make_pipe, seeded_hub):
+    _tokenizer_in_hub_cache()
     pipe = make_pipe(text_encoder_2=None, tokenizer_2=None)
     patch_encoder(pipe, "t5-base-distilled")
     assert len(pipe.tokenizer_2) == 237 and pipe.config.tokenizer_2[0] == "transformers"
