@@ -7,22 +7,15 @@ only safetensors, through `atomic`: a failed or interrupted conversion leaves no
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_file, atomic_folder
-from .checkpoint import (
-    CONFIG_METADATA_KEY,
-    PICKLE_SUFFIXES,
-    SHARED_KEY,
-    read_checkpoint,
-    resolve_config,
-)
+from .checkpoint import CONFIG_METADATA_KEY, PICKLE_SUFFIXES, read_checkpoint, resolve_config
 from .configuration import DistilledT5Config
 from .hub import download
+from .layouts import to_comfyui_keys
 
 
 def convert(
@@ -72,16 +65,3 @@ def convert(
             resolved.save_pretrained(staging)
             save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
     return dst
-
-
-def to_comfyui_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our layout -> ComfyUI's (`encoder.shared.weight` -> `shared.weight`, `encoder.encoder.` -> `encoder.`)."""
-    out = {}
-    for key, value in state.items():
-        if key == SHARED_KEY:
-            out["shared.weight"] = value
-        elif key.startswith("encoder.encoder."):
-            out[key.removeprefix("encoder.")] = value
-        else:
-            out[key] = value
-    return out

@@ -209,7 +209,7 @@ def not_cached_message(
 def _stage_model(model_or_folder, staging: Path) -> Path | None:
     """Put the model's files into `staging`; return the source folder (`None` for a model object)."""
     # Imported here, not above: `download` (and the CLI's `download`) need neither torch nor transformers.
-    from .checkpoint import describe
+    from .info import describe
     from .modeling import DistilledT5EncoderModel
 
     if isinstance(model_or_folder, DistilledT5EncoderModel):
