@@ -13,27 +13,19 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import HfApi, get_token, snapshot_download
+from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
 from .model_card import LIBRARY_NAME, model_card, read_training_config
-from .registry import is_repo_id, resolve_encoder
+from .registry import MODEL_FILES, fetch_encoder, is_repo_id, resolve_encoder
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
 
     from .modeling import DistilledT5EncoderModel
 
-# What `save_pretrained` of a T5 tokenizer may write beside the model.
-TOKENIZER_FILES = [
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "added_tokens.json",
-]
 # Names ending so are checkpoint files, never registry names or repo ids: a missing one is a missing file.
 CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".json", ".pth", ".pt", ".bin", ".ckpt")
-# What a distilled encoder needs from its repo: `download` fetches only these, `push_to_hub` uploads only these.
-MODEL_FILES = [
-    "config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES,
-]
 
 
 def push_to_hub(
@@ -178,9 +170,8 @@ def download(
         return resolved.path
     repo_id, revision = resolved.path, resolved.revision
     try:
-        folder = snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
-            allow_patterns=MODEL_FILES, library_name=LIBRARY_NAME,
+        folder = fetch_encoder(
+            resolved, cache_dir=cache_dir, local_files_only=local_files_only, token=token, library_name=LIBRARY_NAME
         )
     except LocalEntryNotFoundError:
         raise LocalEntryNotFoundError(not_cached_message(repo_id, revision)) from None
