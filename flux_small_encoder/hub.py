@@ -203,10 +203,14 @@ def download(
 
 
 def not_cached_message(
-    repo_id: str, revision: str | None = None, partial: str | None = None, what: str = "encoder"
+    repo_id: str, revision: str | None = None, partial: str | None = None, what: str = "encoder",
+    exclude: str | None = None,
 ) -> str:
-    """Why `repo_id` cannot be loaded offline, and the command that fetches it."""
+    """Why `repo_id` cannot be loaded offline, and the command that fetches it (without the folder `exclude`: a
+    pipeline's own T5 encoder, the 9.5 GB that a distilled encoder replaces)."""
     command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    if exclude:
+        command += f' --exclude "{exclude}/*"'
     state = f"is only partly cached at {partial}" if partial else "is not in the local Hugging Face cache"
     return (
         f"The {what} {repo_id!r} {state}, and the Hub could not be reached (offline mode HF_HUB_OFFLINE=1, "
