@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from flux_small_encoder import DistilledT5Config, DistilledT5EncoderModel
-from flux_small_encoder.checkpoint import describe
 from flux_small_encoder.convert import convert
+from flux_small_encoder.info import describe
 
 # The public T5-Base student's shape, as its config.json on the Hub (`LifuWang/DistillT5`) gives it: flan-t5-base's
 # 12 layers, d_model 768, d_ff 2048, gated-gelu, 12 heads x 64, vocabulary 32128, and a projector to 4096.

@@ -6,23 +6,24 @@ only safetensors, through `atomic`: a failed or interrupted conversion leaves no
 
 from __future__ import annotations
 
+import fnmatch
+import json
 import os
-from collections.abc import Mapping
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_file
 
 from .atomic import atomic_file, atomic_folder
-from .checkpoint import (
-    CONFIG_METADATA_KEY,
-    PICKLE_SUFFIXES,
-    SHARED_KEY,
-    read_checkpoint,
-    resolve_config,
-)
+from .checkpoint import CONFIG_METADATA_KEY, PICKLE_SUFFIXES, read_checkpoint, resolve_config
 from .configuration import DistilledT5Config
 from .hub import download
+from .layouts import to_comfyui_keys
+from .model_card import TRAINING_CONFIG_NAME
+from .registry import MODEL_FILES
+
+# What a folder holding a saved encoder may contain (`save_pretrained`, `convert`, a trainer's `final/`, a download):
+# `convert(..., overwrite=True)` replaces only such a folder, or an empty one.
+SAVED_ENCODER_FILES = (*MODEL_FILES, "README.md", TRAINING_CONFIG_NAME)
 
 
 def convert(
@@ -41,13 +42,15 @@ def convert(
             (the config goes into its header, so converting it back restores it exactly).
         config: A `config.json` path or a config: overrides the one stored with `src`. Without either, the dimensions
             are inferred from the tensor shapes (`checkpoint.infer_config`).
-        overwrite: Replace a non-empty `dst`. Without it, an existing destination is refused.
+        overwrite: Replace an existing `dst`: a ComfyUI file, or a folder holding a saved encoder and nothing else
+            (`SAVED_ENCODER_FILES`). Any other folder is refused, naming what it holds: nothing of it is deleted.
 
     Returns:
         The path written.
 
     Raises:
-        ValueError: `src` is not a distilled encoder, the config does not describe its tensors, or `dst` exists.
+        ValueError: `src` is not a distilled encoder, the config does not describe its tensors, or `dst` exists
+            (without `overwrite`), or is not a saved encoder (with it).
     """
     dst = Path(dst)
     if dst.suffix in PICKLE_SUFFIXES:
@@ -59,6 +62,8 @@ def convert(
             f"{str(dst)!r} already exists and is not empty: choose another destination, or pass overwrite "
             "(`--overwrite`) to replace it."
         )
+    if dst.exists() and overwrite:
+        _check_replaceable(dst)
     checkpoint = read_checkpoint(download(os.fspath(src)))
     resolved, _ = resolve_config(checkpoint, config)
     state = {key: value.contiguous() for key, value in checkpoint.tensors.items()}
@@ -74,14 +79,34 @@ def convert(
     return dst
 
 
-def to_comfyui_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our layout -> ComfyUI's (`encoder.shared.weight` -> `shared.weight`, `encoder.encoder.` -> `encoder.`)."""
-    out = {}
-    for key, value in state.items():
-        if key == SHARED_KEY:
-            out["shared.weight"] = value
-        elif key.startswith("encoder.encoder."):
-            out[key.removeprefix("encoder.")] = value
-        else:
-            out[key] = value
-    return out
+def _check_replaceable(dst: Path) -> None:
+    """Refuse to replace anything but a saved encoder (or an empty folder): `--overwrite` deletes the old one."""
+    refusal = f"Refusing to replace {str(dst)!r}"
+    keep = "choose another destination, or move what you want to keep out of it first"
+    if dst.suffix == ".safetensors":
+        if dst.is_dir():
+            raise ValueError(f"{refusal}: it is a folder, not a ComfyUI .safetensors file; {keep}.")
+        return
+    if not dst.is_dir():
+        raise ValueError(f"{refusal}: it is a file, and the destination of a folder conversion is a folder; {keep}.")
+    names = sorted(path.name for path in dst.iterdir())
+    if not names:
+        return
+    foreign = [name for name in names if not (dst / name).is_file() or not _is_encoder_file(name)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ValueError(
+            f"{refusal}: it holds {shown}, which a saved encoder does not. --overwrite replaces only an empty folder "
+            "or one holding a distilled encoder and nothing else (config.json, weights, tokenizer files, README.md, "
+            f"{TRAINING_CONFIG_NAME}); {keep}."
+        )
+    try:
+        is_encoder = "project_out_dim" in json.loads((dst / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        is_encoder = False
+    if not is_encoder:
+        raise ValueError(f"{refusal}: its config.json is not a distilled encoder's (no project_out_dim); {keep}.")
+
+
+def _is_encoder_file(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SAVED_ENCODER_FILES)

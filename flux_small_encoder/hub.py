@@ -9,31 +9,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from huggingface_hub import HfApi, get_token, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
 from .model_card import LIBRARY_NAME, model_card, read_training_config
-from .registry import is_repo_id, resolve_encoder
+from .registry import TOKENIZER_FILES, fetch_encoder, is_repo_id, resolve_encoder
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
 
     from .modeling import DistilledT5EncoderModel
 
-# What `save_pretrained` of a T5 tokenizer may write beside the model.
-TOKENIZER_FILES = [
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "added_tokens.json",
-]
 # Names ending so are checkpoint files, never registry names or repo ids: a missing one is a missing file.
 CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".json", ".pth", ".pt", ".bin", ".ckpt")
-# What a distilled encoder needs from its repo: `download` fetches only these, `push_to_hub` uploads only these.
-MODEL_FILES = [
-    "config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES,
-]
 
 
 def push_to_hub(
@@ -92,7 +85,8 @@ def push_to_hub(
 
     Raises:
         ValueError: `repo_id` is not `"owner/name"`, the folder is not a saved encoder (or its weights do not match
-            its config), or a staged file contains the token.
+            its config, or a file to upload is a symlink out of the folder), or a staged file contains the token.
+        ConnectionError: the Hub cannot be reached (offline mode, no connection); nothing was committed.
 
     Example:
     ```py
@@ -118,21 +112,40 @@ def push_to_hub(
             card.save(staging / "README.md")
         _refuse_token_in_files(staging, token or get_token())
 
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if revision is not None and not revision.startswith("refs/pr/"):
-            try:
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
-            except HfHubHTTPError as error:
-                # Without write access a PR is still possible against an existing branch; commit will tell otherwise.
-                if not (create_pr and error.response is not None and error.response.status_code == 403):
-                    raise
-        return api.upload_folder(
-            repo_id=repo_id,
-            folder_path=staging,
-            revision=revision,
-            create_pr=create_pr,
-            commit_message=commit_message or f"Upload distilled T5 encoder with {LIBRARY_NAME}",
-        )
+        try:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            if revision is not None and not revision.startswith("refs/pr/"):
+                try:
+                    api.create_branch(repo_id, branch=revision, exist_ok=True)
+                except HfHubHTTPError as error:
+                    # Without write access a PR is still possible against an existing branch; commit will tell.
+                    if not (create_pr and error.response is not None and error.response.status_code == 403):
+                        raise
+            return api.upload_folder(
+                repo_id=repo_id,
+                folder_path=staging,
+                revision=revision,
+                create_pr=create_pr,
+                commit_message=commit_message or f"Upload distilled T5 encoder with {LIBRARY_NAME}",
+            )
+        except (OfflineModeIsEnabled, *_transport_errors()) as error:
+            if isinstance(error, OfflineModeIsEnabled):
+                reason, fix = "offline mode is on: HF_HUB_OFFLINE=1", "Unset HF_HUB_OFFLINE"
+            else:
+                reason, fix = f"{type(error).__name__}: {' '.join(str(error).split())}", "Check the connection"
+            raise ConnectionError(
+                f"Cannot reach the Hub to push to {repo_id!r} ({reason}); nothing was committed. {fix}, then push "
+                "again."
+            ) from error
+
+
+def _transport_errors() -> tuple[type[Exception], ...]:
+    """The HTTP client's "no connection" and "timed out" errors: httpx2's under huggingface_hub 2, httpx's before.
+
+    Their modules are looked up, not imported: huggingface_hub has loaded the one it uses once it sends a request.
+    """
+    clients = [sys.modules[name] for name in ("httpx2", "httpx") if name in sys.modules]
+    return tuple(client.TransportError for client in clients)
 
 
 def download(
@@ -178,9 +191,8 @@ def download(
         return resolved.path
     repo_id, revision = resolved.path, resolved.revision
     try:
-        folder = snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only, token=token,
-            allow_patterns=MODEL_FILES, library_name=LIBRARY_NAME,
+        folder = fetch_encoder(
+            resolved, cache_dir=cache_dir, local_files_only=local_files_only, token=token, library_name=LIBRARY_NAME
         )
     except LocalEntryNotFoundError:
         raise LocalEntryNotFoundError(not_cached_message(repo_id, revision)) from None
@@ -191,10 +203,14 @@ def download(
 
 
 def not_cached_message(
-    repo_id: str, revision: str | None = None, partial: str | None = None, what: str = "encoder"
+    repo_id: str, revision: str | None = None, partial: str | None = None, what: str = "encoder",
+    exclude: str | None = None,
 ) -> str:
-    """Why `repo_id` cannot be loaded offline, and the command that fetches it."""
+    """Why `repo_id` cannot be loaded offline, and the command that fetches it (without the folder `exclude`: a
+    pipeline's own T5 encoder, the 9.5 GB that a distilled encoder replaces)."""
     command = f"hf download {repo_id}" + (f" --revision {revision}" if revision else "")
+    if exclude:
+        command += f' --exclude "{exclude}/*"'
     state = f"is only partly cached at {partial}" if partial else "is not in the local Hugging Face cache"
     return (
         f"The {what} {repo_id!r} {state}, and the Hub could not be reached (offline mode HF_HUB_OFFLINE=1, "
@@ -209,7 +225,7 @@ def not_cached_message(
 def _stage_model(model_or_folder, staging: Path) -> Path | None:
     """Put the model's files into `staging`; return the source folder (`None` for a model object)."""
     # Imported here, not above: `download` (and the CLI's `download`) need neither torch nor transformers.
-    from .checkpoint import describe
+    from .info import describe
     from .modeling import DistilledT5EncoderModel
 
     if isinstance(model_or_folder, DistilledT5EncoderModel):
@@ -225,12 +241,41 @@ def _stage_model(model_or_folder, staging: Path) -> Path | None:
         inner = [child for child in folder.iterdir() if (child / "config.json").is_file()] if folder.is_dir() else []
         hint = f" It holds {', '.join(map(str, inner))}: pass that." if inner else ""
         raise ValueError(f"{str(folder)!r} is not a folder written by `save_pretrained` (no config.json).{hint}")
+    files = model_files(folder)
     describe(folder)  # refuse weights that do not match their config before anything is uploaded
-    for pattern in [*MODEL_FILES, "README.md"]:
-        for path in folder.glob(pattern):
-            if not (staging / path.name).exists():
-                _link_or_copy(path, staging / path.name)
+    for path in files:
+        if not (staging / path.name).exists():
+            _link_or_copy(path, staging / path.name)
     return folder
+
+
+def model_files(folder: str | os.PathLike) -> list[Path]:
+    """The files of a saved encoder folder that `push_to_hub` uploads, and no others.
+
+    They are `config.json`, the weights (`model.safetensors`, or the index and exactly the shards it names), the
+    tokenizer files present (`TOKENIZER_FILES`) and `README.md`: an old `model-backup.safetensors` or anything else in
+    the folder stays out.
+
+    Raises:
+        ValueError: a file to upload is a symlink to something outside the folder, which is never followed (the link
+            could publish any file of the machine); or what `checkpoint.weight_files` refuses.
+    """
+    from .checkpoint import INDEX_NAME, weight_files
+
+    folder = Path(folder)
+    weights = weight_files(folder)
+    optional = [*([INDEX_NAME] if (folder / INDEX_NAME).is_file() else []), *TOKENIZER_FILES, "README.md"]
+    files = [folder / "config.json", *weights, *(folder / name for name in optional if (folder / name).is_file())]
+    inside = folder.resolve()
+    for path in files:
+        target = path.resolve()
+        if not target.is_relative_to(inside):
+            raise ValueError(
+                f"Refusing to upload {str(path)!r}: it is a symlink to {str(target)!r}, outside the folder, and push "
+                "uploads only the folder's own files. Copy the file into the folder in place of the link "
+                f"(`cp --remove-destination {target} {path}`), then push again."
+            )
+    return files
 
 
 def _stage_tokenizer(tokenizer, staging: Path) -> None:

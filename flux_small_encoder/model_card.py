@@ -1,7 +1,7 @@
 """The model card of a distilled encoder: huggingface_hub's `ModelCard` rendered from `templates/model_card.md`.
 
 The card's metadata is a `ModelCardData` (library, license, base model, tags, teacher, pipeline); its text is the
-shipped Jinja template, filled from the checkpoint (`checkpoint.describe`) and, for a folder the trainer saved, from
+shipped Jinja template, filled from the checkpoint (`info.describe`) and, for a folder the trainer saved, from
 the `training_config.yaml` it wrote there, without local paths or anything that looks like a credential.
 """
 
@@ -55,7 +55,7 @@ def model_card(
         base_model: The Hub id of the T5 it started from; defaults to the config's `base_model_name_or_path`, else the
             training config's `student`. Anything that is not a Hub repo id (a local path) is left out.
     """
-    from .checkpoint import describe  # here: `hub.download` imports this module and needs no torch
+    from .info import describe  # here: `hub.download` imports this module and needs no torch
 
     info = describe(folder)
     trained = dict(training_config or {})

@@ -72,6 +72,15 @@ def get_pretrained_spec(name: str) -> PretrainedSpec:
         raise KeyError(f"No registered encoder named {name!r}. Registered names: {names}.") from None
 
 
+# What `save_pretrained` of a T5 tokenizer may write beside the model.
+TOKENIZER_FILES = [
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model", "added_tokens.json",
+]
+# What a distilled encoder needs from its repo: `fetch_encoder` (and so `hub.download`) fetches only these.
+MODEL_FILES = [
+    "config.json", "model.safetensors", "model-*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES,
+]
+
 # Keyword arguments of `from_pretrained` that say where and how to fetch files, whatever is fetched: they apply to the
 # encoder (and its tokenizer) as well as to the pipeline they were given for.
 HUB_KWARGS = ("token", "cache_dir", "local_files_only", "proxies")
@@ -126,6 +135,18 @@ def resolve_encoder(encoder: str | os.PathLike, revision: str | None = None) -> 
     )
 
 
+def fetch_encoder(resolved: ResolvedEncoder, **snapshot_kwargs) -> str:
+    """The local folder of a resolved encoder: its own folder, or its repo's `MODEL_FILES` fetched into the Hugging
+    Face cache (`snapshot_download`, to which `snapshot_kwargs` go: `cache_dir`, `local_files_only`, `token`, ...)."""
+    if os.path.isdir(resolved.path):
+        return resolved.path
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(
+        resolved.path, revision=resolved.revision, allow_patterns=MODEL_FILES, **snapshot_kwargs
+    )
+
+
 def load_encoder(
     encoder: str | os.PathLike | ResolvedEncoder,
     *,
@@ -135,6 +156,10 @@ def load_encoder(
 ) -> DistilledT5EncoderModel:
     """Load a distilled encoder by registry name, local folder or Hub repo id, refusing incomplete weights.
 
+    The files are fetched first (only `MODEL_FILES`), and the config is checked against the names and
+    shapes in the safetensors headers before any model is built: a config that asks for more than the weights hold
+    (a million layers, a huge width) is refused in a moment instead of exhausting the machine.
+
     Args:
         encoder: A name from `list_pretrained()`, a folder written by `save_pretrained`, or a Hub repo id (or what
             `resolve_encoder` made of one, which `revision` does not change).
@@ -143,21 +168,26 @@ def load_encoder(
         from_pretrained_kwargs: Passed to `from_pretrained` (`token`, `cache_dir`, `local_files_only`, ...).
 
     Raises:
-        ValueError: the checkpoint lacks weights the model needs, or holds weights it does not use.
+        ValueError: the config does not describe the weights, the checkpoint lacks weights the model needs, or holds
+            weights it does not use.
         OSError: the files cannot be found (offline with nothing cached, a wrong repo id); the message names the repo.
     """
+    from .checkpoint import read_checkpoint, resolve_config
     from .modeling import DistilledT5EncoderModel
 
     resolved = encoder if isinstance(encoder, ResolvedEncoder) else resolve_encoder(encoder, revision)
-    if resolved.revision is not None:
-        from_pretrained_kwargs["revision"] = resolved.revision
+    where = f"{resolved.path!r}" + (f" at revision {resolved.revision!r}" if resolved.revision else "")
+    fetching = {key: from_pretrained_kwargs[key] for key in ("token", "cache_dir", "local_files_only")
+                if key in from_pretrained_kwargs}
     try:
+        folder = fetch_encoder(resolved, **fetching)
+        resolve_config(read_checkpoint(folder, load_tensors=False))
         model, report = DistilledT5EncoderModel.from_pretrained(
-            resolved.path, dtype=dtype, output_loading_info=True, **from_pretrained_kwargs
+            folder, dtype=dtype, output_loading_info=True, **from_pretrained_kwargs
         )
     except OSError as error:
-        where = f"{resolved.path!r}" + (f" at revision {resolved.revision!r}" if resolved.revision else "")
         raise OSError(f"Cannot load the encoder {where}: {error}") from error
+    model.config.name_or_path = resolved.path  # the repo id, not the cache folder it was read from
     kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
     problems = {kind: sorted(report[kind]) for kind in kinds if report[kind]}
     if problems:

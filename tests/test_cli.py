@@ -133,7 +133,7 @@ def _not_cached(tmp_path, monkeypatch):
 
 def _offline_mode(tmp_path, monkeypatch):
     tiny_student().save_pretrained(tmp_path / "student")
-    return ["push", str(tmp_path / "student"), "me/encoder"], "OfflineModeIsEnabled: "
+    return ["push", str(tmp_path / "student"), "me/encoder"], "(offline mode is on: HF_HUB_OFFLINE=1)"
 
 
 def _no_network(tmp_path, monkeypatch):

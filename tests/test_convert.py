@@ -7,16 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from flux_small_encoder.checkpoint import (
-    T5_XXL_WIDTH,
-    describe,
-    fitting_families,
-    infer_config,
-    read_checkpoint,
-)
+from flux_small_encoder.checkpoint import infer_config, read_checkpoint
 from flux_small_encoder.cli import main
 from flux_small_encoder.configuration import DistilledT5Config
 from flux_small_encoder.convert import convert, to_comfyui_keys
+from flux_small_encoder.info import T5_XXL_WIDTH, describe, fitting_families
 from flux_small_encoder.modeling import DistilledT5EncoderModel
 from flux_small_encoder.patching import PIPELINE_FAMILIES
 from flux_small_encoder.registry import load_encoder
@@ -188,33 +183,36 @@ def test_pickle_that_runs_code_is_refused_and_never_runs(student, tmp_path):
 
 def test_unreadable_pth_is_a_clear_error(tmp_path):
     (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="Refusing to load"):
+    with pytest.raises(ValueError, match="it is not a complete `torch.save` archive"):
         convert(tmp_path / "garbage.pth", tmp_path / "out")
     torch.save({"x": torch.zeros(3)}, tmp_path / "whole.pth")
     (tmp_path / "cut.pth").write_bytes((tmp_path / "whole.pth").read_bytes()[:100])
-    with pytest.raises(ValueError, match="is the file complete"):
+    with pytest.raises(ValueError, match="The file is truncated or damaged"):
         convert(tmp_path / "cut.pth", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_existing_destination_is_refused_unless_overwrite(saved_student, tmp_path):
     dst = tmp_path / "dst"
-    dst.mkdir()
-    (dst / "notes.txt").write_text("mine")
+    saved_student_files = sorted(path.name for path in saved_student.iterdir())
+    convert(saved_student, dst)
+    (dst / "model.safetensors").write_bytes(b"an older conversion")
     with pytest.raises(ValueError, match="already exists"):
         convert(saved_student, dst)
-    assert [path.name for path in dst.iterdir()] == ["notes.txt"]
+    assert (dst / "model.safetensors").read_bytes() == b"an older conversion"
 
-    convert(saved_student, dst, overwrite=True)
-    assert sorted(path.name for path in dst.iterdir()) == ["config.json", "model.safetensors"]
+    convert(saved_student, dst, overwrite=True)  # a saved encoder is replaced
+    assert sorted(path.name for path in dst.iterdir()) == saved_student_files
+    _assert_same_files(dst / "model.safetensors", saved_student / "model.safetensors")
     (tmp_path / "empty").mkdir()
     convert(saved_student, tmp_path / "empty")  # an empty folder is not something to lose
     assert sorted(path.name for path in tmp_path.iterdir()) == ["dst", "empty"]
 
 
 def test_wrong_config_fails_before_writing_anything(student, saved_student, tmp_path):
-    wrong = student.config.to_dict() | {"num_layers": 3}
+    wrong = student.config.to_dict() | {"d_ff": 40}
     (tmp_path / "wrong.json").write_text(json.dumps(wrong))
-    with pytest.raises(ValueError, match="missing encoder.encoder.block.2"):
+    with pytest.raises(ValueError, match=r"other shapes: .*wi_0.weight \[37, 16\] \(config says \[40, 16\]\)"):
         convert(saved_student, tmp_path / "out" / "nested", config=tmp_path / "wrong.json")
     assert not (tmp_path / "out" / "nested").exists()
     assert not list(tmp_path.glob("**/*.partial"))

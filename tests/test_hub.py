@@ -1,10 +1,14 @@
 """Hub helpers: what `push_to_hub` hands huggingface_hub (mocked at `HfApi`), and `download` through a seeded cache."""
 
 import inspect
+import json
 import logging
+import shutil
+import socket
 from pathlib import Path
 from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
 import yaml
 from huggingface_hub import HfApi, ModelCard
@@ -193,6 +197,82 @@ def test_push_refuses_what_is_not_a_saved_model(trainer_run, tmp_path, hub_calls
     assert hub_calls["upload_folder"] == []
 
 
+# --- what push uploads: exactly the model's files, never through a symlink out of the folder (issue 9, item 10) ----
+
+
+def test_push_uploads_only_the_files_the_model_needs(trainer_run, hub_calls):
+    final = trainer_run / "final"
+    shutil.copy(final / "model.safetensors", final / "model-backup.safetensors")  # an old backup beside the weights
+    (final / "notes.txt").write_text("not for the Hub")
+    hub.push_to_hub(final, "me/tiny")
+    (upload,) = hub_calls["upload_folder"]
+    assert set(upload["files"]) == {"config.json", "model.safetensors", "README.md"}
+
+
+def test_push_uploads_exactly_the_shards_the_index_names(student, tmp_path, hub_calls):
+    folder = tmp_path / "sharded"
+    student.save_pretrained(folder, max_shard_size="20KB")
+    shards = set(json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(shards) > 1
+    stale = folder / f"model-00009-of-0000{len(shards)}.safetensors"  # left over from an earlier save
+    shutil.copy(folder / sorted(shards)[0], stale)
+    hub.push_to_hub(folder, "me/tiny")
+    (upload,) = hub_calls["upload_folder"]
+    assert set(upload["files"]) == {"config.json", "model.safetensors.index.json", "README.md", *shards}
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "tokenizer.json"])
+def test_push_never_follows_a_symlink_out_of_the_folder(name, student, tmp_path, hub_calls, capsys):
+    folder = tmp_path / "model"
+    student.save_pretrained(folder)
+    outside = tmp_path / "elsewhere" / name
+    outside.parent.mkdir()
+    if name == "model.safetensors":
+        (folder / name).rename(outside)  # the weights are valid: only where they live is wrong
+    else:
+        outside.write_text('{"secret": "a file the folder points to"}')
+    (folder / name).symlink_to(outside)
+    expected = (
+        f"Refusing to upload '{folder / name}': it is a symlink to '{outside}', outside the folder, and push uploads "
+        f"only the folder's own files. Copy the file into the folder in place of the link (`cp --remove-destination "
+        f"{outside} {folder / name}`), then push again."
+    )
+    with pytest.raises(ValueError) as refused:
+        hub.push_to_hub(folder, "me/tiny")
+    assert str(refused.value) == expected
+    capsys.readouterr()
+    assert main(["push", str(folder), "me/tiny"]) == 2
+    assert capsys.readouterr().err == f"error: {expected}\n"
+    assert hub_calls == {"create_repo": [], "create_branch": [], "upload_folder": []}
+
+
+def test_push_without_a_network_is_one_line(student, tmp_path, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    student.save_pretrained(tmp_path / "model")
+    with socket.socket() as closed:  # bound, never listening: every connection to it is refused at once
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{closed.getsockname()[1]}")
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        capsys.readouterr()
+        assert main(["push", str(tmp_path / "model"), "me/tiny"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(
+        "error: Cannot reach the Hub to push to 'me/tiny' (ConnectError: "
+    )
+    assert err.endswith("); nothing was committed. Check the connection, then push again.\n")
+
+
+def test_push_offline_is_one_line(student, tmp_path, capsys):
+    student.save_pretrained(tmp_path / "model")
+    capsys.readouterr()
+    assert main(["push", str(tmp_path / "model"), "me/tiny"]) == 2  # the session runs with HF_HUB_OFFLINE=1
+    assert capsys.readouterr().err == (
+        "error: Cannot reach the Hub to push to 'me/tiny' (offline mode is on: HF_HUB_OFFLINE=1); nothing was "
+        "committed. Unset HF_HUB_OFFLINE, then push again.\n"
+    )
+
+
 def test_cli_push(trainer_run, hub_calls, capsys):
     args = ["push", str(trainer_run / "final"), "me/tiny", "--private", "--token", TOKEN, "--license", "apache-2.0"]
     assert main(args) == 0
@@ -211,13 +291,13 @@ def test_download_registry_name_through_seeded_cache(seeded_hub):
 
 def test_download_fetches_only_the_model_files(seeded_hub, monkeypatch):
     seen = {}
-    real = hub.snapshot_download
+    real = huggingface_hub.snapshot_download
 
     def spy(repo_id, **kwargs):
         seen.update(kwargs, repo_id=repo_id)
         return real(repo_id, **kwargs)
 
-    monkeypatch.setattr(hub, "snapshot_download", spy)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", spy)  # looked up there when fetching
     hub.download("t5-base-distilled")
     assert seen["repo_id"] == "LifuWang/DistillT5"
     repo_files = ["config.json", "model.safetensors", "README.md", "DistillT5-F32.safetensors", "experiment.pth",

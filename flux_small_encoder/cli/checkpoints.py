@@ -29,15 +29,15 @@ def register(subparsers) -> None:
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from ..checkpoint import describe
     from ..convert import convert
+    from ..info import describe
 
     written = convert(args.src, args.dst, config=args.config, overwrite=args.overwrite)
     print(f"wrote {written}\n{describe(written).summary()}")
 
 
 def run_info(args: argparse.Namespace) -> None:
-    from ..checkpoint import describe
     from ..hub import download
+    from ..info import describe
 
     print(describe(download(args.encoder)).summary())

@@ -47,6 +47,7 @@ def run_generate(args: argparse.Namespace) -> None:
 
     # Refusals first, before the slow imports and loads.
     options.check_out(args)
+    _check_pipeline_folder(args.model)
     resolved = resolve_encoder(args.encoder)
     device = options.resolve_device(args.device)
     dtype = options.resolve_dtype(args.dtype)
@@ -54,12 +55,15 @@ def run_generate(args: argparse.Namespace) -> None:
     import torch
     from diffusers import FluxPipeline
 
-    from ..patching import patch_encoder
+    from ..patching import find_encoder_slot, patch_encoder
+    from ..registry import load_encoder
 
-    with _fetch_hint(args.model, "pipeline"):
-        pipe = FluxPipeline.from_pretrained(args.model, text_encoder_2=None, dtype=dtype)
+    # The encoder first: it is small and checked before the pipeline's gigabytes are read.
     with _fetch_hint(resolved.path, "encoder"):
-        patch_encoder(pipe, args.encoder, dtype=dtype)
+        student = load_encoder(resolved, dtype=dtype)
+    with _fetch_hint(args.model, "pipeline", exclude=find_encoder_slot(FluxPipeline).encoder):
+        pipe = FluxPipeline.from_pretrained(args.model, text_encoder_2=None, dtype=dtype)
+    patch_encoder(pipe, student, dtype=dtype)
     if args.offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
@@ -76,9 +80,24 @@ def run_generate(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def _check_pipeline_folder(model: str) -> None:
+    """Refuse a local `--model` folder that is not a diffusers pipeline, saying what it looks like instead."""
+    if not os.path.isdir(model) or os.path.isfile(os.path.join(model, "model_index.json")):
+        return
+    looks_like = (
+        " It holds a config.json: a single model, such as an encoder (which goes to --encoder)."
+        if os.path.isfile(os.path.join(model, "config.json")) else ""
+    )
+    raise FileNotFoundError(
+        f"--model {model} is not a diffusers pipeline folder: it has no model_index.json.{looks_like} Pass a folder "
+        "saved with the pipeline's save_pretrained, or a Hub repo id such as black-forest-labs/FLUX.1-dev."
+    )
+
+
 @contextmanager
-def _fetch_hint(repo: str, what: str):
-    """A Hub repo that is not cached while offline is re-raised with the command that fetches it."""
+def _fetch_hint(repo: str, what: str, exclude: str | None = None):
+    """A Hub repo that is not cached while offline is re-raised with the command that fetches it (without the folder
+    `exclude`)."""
     try:
         yield
     except OSError as error:
@@ -86,7 +105,7 @@ def _fetch_hint(repo: str, what: str):
             raise
         from ..hub import not_cached_message
 
-        raise OSError(not_cached_message(repo, what=what)) from error
+        raise OSError(not_cached_message(repo, what=what, exclude=exclude)) from error
 
 
 def _is_not_cached(error: BaseException | None) -> bool:
@@ -110,20 +129,35 @@ def run_demo(args: argparse.Namespace) -> None:
     from ..tiny import tiny_flux_pipeline, tiny_student
 
     start = time.perf_counter()
-    pipe = tiny_flux_pipeline()
-    teacher_params = sum(p.numel() for p in pipe.text_encoder_2.parameters())
-    with tempfile.TemporaryDirectory() as folder:
-        # Through the real loading path: save the student, then patch from its folder.
-        tiny_student().save_pretrained(folder)
-        patch_encoder(pipe, folder)
-    student_params = sum(p.numel() for p in pipe.text_encoder_2.parameters())
-    image = pipe(
-        args.prompt, height=32, width=32, num_inference_steps=2, max_sequence_length=48,
-        generator=torch.Generator("cpu").manual_seed(0),
-    ).images[0]
+    with _one_thread():
+        pipe = tiny_flux_pipeline()
+        teacher_params = sum(p.numel() for p in pipe.text_encoder_2.parameters())
+        with tempfile.TemporaryDirectory() as folder:
+            # Through the real loading path: save the student, then patch from its folder.
+            tiny_student().save_pretrained(folder)
+            patch_encoder(pipe, folder)
+        student_params = sum(p.numel() for p in pipe.text_encoder_2.parameters())
+        image = pipe(
+            args.prompt, height=32, width=32, num_inference_steps=2, max_sequence_length=48,
+            generator=torch.Generator("cpu").manual_seed(0),
+        ).images[0]
     image.save(args.out)
     print(
         f"tiny FLUX patched: text_encoder_2 is now {type(pipe.text_encoder_2).__name__} "
         f"({student_params:,} parameters, was {teacher_params:,})\n"
         f"wrote {args.out} ({image.width}x{image.height}) in {time.perf_counter() - start:.1f} s"
     )
+
+
+@contextmanager
+def _one_thread():
+    """Run tiny work on one thread: spreading kernels this small over every core only adds contention, and on a busy
+    machine turns seconds into minutes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
