@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .activations import Activation, ActivationTable, GiB
-from .recipes import RECIPES, Placement, Recipe
+from .recipes import RECIPES, Placement, Recipe, get_recipe
 from .sizes import COMPONENT_PHASES, PHASES, PipelineFootprint, pipeline_footprint
 
 _UNITS = {"": GiB, "gib": GiB, "gb": 10**9, "mib": 2**20, "mb": 10**6}
@@ -61,21 +61,21 @@ class MemoryPlan:
     """The recipe chosen for a budget and image side, with every recipe's prediction.
 
     Args:
-        budget: Bytes the pipeline may allocate on the device.
+        budget: Bytes the pipeline may allocate on the device (`None` where a recipe was asked for by name).
         size: The image side, in pixels, the plan is for.
         footprint: The components' sizes the predictions start from.
         predictions: Every recipe's prediction, fastest recipe first.
-        chosen: The first prediction that fits `usable`.
+        chosen: The first prediction that fits `usable`, or the recipe asked for.
         usable: The budget less the allocator's headroom: what a prediction must fit.
         table: The activation table used.
     """
 
-    budget: int
+    budget: int | None
     size: int
     footprint: PipelineFootprint
     predictions: tuple[Prediction, ...]
     chosen: Prediction
-    usable: int
+    usable: int | None
     table: ActivationTable
 
     @property
@@ -148,10 +148,11 @@ def predict(footprint: PipelineFootprint, recipe: Recipe, table: ActivationTable
 
 def plan_memory(
     pipe_or_footprint,
-    budget: str | int | float,
+    budget: str | int | float | None = None,
     *,
     size: int = 1024,
     table: ActivationTable | None = None,
+    recipe: str | None = None,
 ) -> MemoryPlan:
     r"""
     Choose the fastest memory recipe whose predicted peak fits `budget` for images of `size` pixels a side.
@@ -170,6 +171,8 @@ def plan_memory(
             every smaller one.
         table (`ActivationTable`, *optional*):
             The activation figures; default: the table shipped in the package.
+        recipe (`str`, *optional*):
+            A recipe to plan by name (`RECIPES`) instead of choosing by budget: its prediction, whatever it needs.
 
     Raises:
         MemoryBudgetError: no recipe fits; its message and `smallest` give the smallest budget that works.
@@ -187,9 +190,16 @@ def plan_memory(
     if size < 1:
         raise ValueError(f"size={size}: the image side must be at least one pixel.")
     table = table or ActivationTable.load()
-    budget_bytes = parse_budget(budget)
-    usable = int(budget_bytes * (1 - table.headroom))
-    predictions = tuple(predict(footprint, recipe, table, size) for recipe in RECIPES)
+    if budget is None and recipe is None:
+        raise ValueError("plan_memory needs a memory budget, or a recipe to plan by name.")
+    budget_bytes = None if budget is None else parse_budget(budget)
+    usable = None if budget is None else int(budget_bytes * (1 - table.headroom))
+    predictions = tuple(predict(footprint, candidate, table, size) for candidate in RECIPES)
+    if recipe is not None:
+        chosen = predictions[RECIPES.index(get_recipe(recipe))]
+        if chosen.peak is None:
+            raise ValueError(f"recipe {recipe} does not apply: the pipeline's transformer is no diffusers model.")
+        return MemoryPlan(budget_bytes, size, footprint, predictions, chosen, usable, table)
     possible = [p for p in predictions if p.peak is not None]
     fitting = [p for p in possible if p.peak <= usable]
     if not fitting:
