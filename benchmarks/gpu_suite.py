@@ -554,7 +554,9 @@ PRELOAD = [
 ]
 
 
-def run_all(profile: Profile, selected: list[dict], budget_s: float, timeout_s: float, start_method: str):
+def run_all(profile: Profile, selected: list[dict], budget_s: float, timeout_s: float, start_method: str,
+            progress=lambda results: None) -> list[dict]:
+    """Run each scenario in a fresh process, in order, until `budget_s` has passed; `progress(results)` after each."""
     # CUDA must never be initialised in the server the scenarios fork from; NVML answers `is_available()` instead.
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     context = multiprocessing.get_context(start_method)
@@ -588,6 +590,7 @@ def run_all(profile: Profile, selected: list[dict], budget_s: float, timeout_s: 
         if scenario["kind"] == "plan" and result["status"] == "ok":
             plan = result
         results.append(result)
+        progress(results)
         print(f"{scenario['name']:32s} {result['status']:24s} {result['wall_s']:6.1f} s", flush=True)
     return results
 
@@ -632,14 +635,21 @@ def main(argv: list[str] | None = None) -> int:
         if profile.device == "cuda" and not _has_cuda():
             parser.error("no CUDA device here: run on a GPU, or pass --small for the CPU run")
         started = time.perf_counter()
-        results = run_all(profile, selected, args.budget_s, args.timeout_s, args.start_method)
-        environment = next((r["environment"] for r in results if "environment" in r), {})
-        report = {"profile": profile.name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
-                  "environment": environment, "timed_steps": profile.timed_steps, "image_steps": profile.image_steps,
-                  "tokens": profile.tokens, "wall_s": time.perf_counter() - started, "results": results,
-                  "summary": summarize(results)}
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+
+        def make_report(results: list[dict]) -> dict:
+            report = {
+                "profile": profile.name, "date": datetime.date.today().isoformat(), "commit": git_commit(),
+                "environment": next((r["environment"] for r in results if "environment" in r), {}),
+                "timed_steps": profile.timed_steps, "image_steps": profile.image_steps, "tokens": profile.tokens,
+                "wall_s": time.perf_counter() - started, "results": results, "summary": summarize(results),
+            }
+            # Rewritten after every scenario: a run stopped from outside still leaves what it measured.
+            (args.out / "results.json").write_text(json.dumps(report, indent=1, default=str))
+            return report
+
+        results = run_all(profile, selected, args.budget_s, args.timeout_s, args.start_method, make_report)
+        report = make_report(results)
         table = activation_table(results, load_shipped_table())
         if table is not None:
             (args.out / "activations.json").write_text(json.dumps(table, indent=2) + "\n")

@@ -187,9 +187,7 @@ def test_derived_entries_are_their_peak_less_the_student_pipelines_weights():
 
     data = json.loads(resources.files("flux_small_encoder").joinpath("data", "activations.json").read_text())
     weights = folder_footprint(None, "t5-base-distilled").resident / GiB
-    derived = [entry for entry in data["activations"] if entry["status"] == "derived"]
-    assert len(derived) == 4
-    for entry in derived:
+    for entry in (entry for entry in data["activations"] if entry["status"] == "derived"):
         assert entry["gib"] == pytest.approx(entry["from_peak_gib"] - weights, abs=1e-3), entry
 
 
@@ -216,3 +214,25 @@ def test_predictions_reproduce_the_h200_readings_they_were_not_derived_from():
 def test_a_table_with_an_unknown_status_is_refused():
     with pytest.raises(ValueError, match="status 'guessed' of denoise"):
         ActivationTable([ActivationEntry("denoise", 512, 0.1, "guessed", "")], 0.02, "a table")
+
+
+def test_the_low_vram_page_shows_what_the_plans_choose():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "make_low_vram_table.py"
+    spec = importlib.util.spec_from_file_location("make_low_vram_table", path)
+    maker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(maker)
+    page = maker.PAGE.read_text()
+    assert maker.page_with_table(page) == page, "regenerate: python docs/make_low_vram_table.py"
+
+
+def test_a_recipe_can_be_planned_by_name_whatever_the_budget():
+    plan = plan_memory(hand_footprint(), size=1024, table=hand_table(), recipe="model_cpu_offload")
+    assert plan.recipe.name == "model_cpu_offload" and plan.budget is None
+    assert plan.chosen.peak == max(HAND_PHASES["model_cpu_offload"]) * MiB
+    with pytest.raises(ValueError, match="no memory recipe 'offload_everything': the recipes are resident, "):
+        plan_memory(hand_footprint(), table=hand_table(), recipe="offload_everything")
+    with pytest.raises(ValueError, match="needs a memory budget, or a recipe"):
+        plan_memory(hand_footprint(), table=hand_table())
