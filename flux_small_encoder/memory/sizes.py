@@ -34,6 +34,8 @@ COMPONENT_PHASES = {
 # `vae.enable_tiling()` alone never tiles a 1024 px image.
 TILE_SIZE = 512
 REFERENCE_NAME = "FLUX.1-dev"
+# The T5 encoder of a pipeline is its component of one of these classes (or of a subclass).
+T5_CLASSES = ("T5EncoderModel", "DistilledT5EncoderModel")
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,7 @@ class PipelineFootprint:
 
     Args:
         components: Component name -> footprint, in the pipeline's order.
-        encoder: The component holding the T5 encoder (FLUX: `text_encoder_2`).
+        encoder: The component holding the T5 encoder (FLUX: `text_encoder_2`), `None` if there is none.
         dtype: The dtype the transformer computes in.
         vae_sample_size: The VAE's `sample_size`: the side of its own decode tiles, in pixels.
         vae_scale_factor: Pixels per latent, along a side.
@@ -67,7 +69,7 @@ class PipelineFootprint:
     """
 
     components: dict[str, ComponentFootprint]
-    encoder: str
+    encoder: str | None
     dtype: torch.dtype
     vae_sample_size: int
     vae_scale_factor: int
@@ -106,12 +108,11 @@ def module_footprint(module: nn.Module) -> ComponentFootprint:
 
 def pipeline_footprint(pipe) -> PipelineFootprint:
     """The footprint of a loaded pipeline, from its components' own parameters and buffers."""
-    from ..patching import find_encoder_slot
-
     modules = {name: module for name, module in pipe.components.items() if isinstance(module, nn.Module)}
+    classes = {name: [base.__name__ for base in type(module).__mro__] for name, module in modules.items()}
     return PipelineFootprint(
         components={name: module_footprint(module) for name, module in modules.items()},
-        encoder=find_encoder_slot(pipe).encoder,
+        encoder=next((name for name, names in classes.items() if set(names) & set(T5_CLASSES)), None),
         dtype=pipe.transformer.dtype,
         **_vae_geometry(modules["vae"].config),
         source=f"the loaded {type(pipe).__name__}'s parameters and buffers",
@@ -137,18 +138,18 @@ def folder_footprint(
         revision: Hub revision of `model`.
         hub_kwargs: `token`, `cache_dir`, `local_files_only`, ... for the Hub.
     """
-    from ..patching import find_encoder_slot
-
     if model is None:
-        reference = reference_specs()
-        pipeline_cls, specs, source = reference["pipeline"], reference["components"], f"{REFERENCE_NAME}'s configs"
+        specs, left_out, source = reference_specs()["components"], [], f"{REFERENCE_NAME}'s configs"
     else:
-        pipeline_cls, specs = _folder_specs(model, revision, hub_kwargs)
+        specs, left_out = _folder_specs(model, revision, hub_kwargs)
         source = f"the configs of {os.fspath(model)}"
-    import diffusers
-
-    slot = find_encoder_slot(getattr(diffusers, pipeline_cls)).encoder
+    # The T5 slot: the component of a T5 class, else (a pipeline saved without its T5) a text encoder left out.
+    slot = next((name for name, spec in specs.items() if spec["class"] in T5_CLASSES), None)
+    slot = slot or next((name for name in left_out if name.startswith("text_encoder")), None)
     if encoder is not None:
+        if slot is None:
+            raise ValueError(f"{source} hold no T5 encoder, nor a text encoder left out: there is no slot for "
+                             f"{os.fspath(encoder)}.")
         specs = {**specs, slot: encoder_spec(encoder, **hub_kwargs)}
         source += f" with {os.fspath(encoder)}"
     modules = {name: build_component(spec, dtype=dtype) for name, spec in specs.items()}
@@ -193,8 +194,9 @@ def build_component(spec: dict, *, dtype: torch.dtype, device: str | torch.devic
         return cls(cls.config_class.from_dict(spec["config"])).eval()  # transformers
 
 
-def _folder_specs(model: str | os.PathLike, revision: str | None, hub_kwargs: dict) -> tuple[str, dict]:
-    """The pipeline class and the spec of each model component of a pipeline folder or Hub repo (JSON files only)."""
+def _folder_specs(model: str | os.PathLike, revision: str | None, hub_kwargs: dict) -> tuple[dict, list[str]]:
+    """The spec of each model component of a pipeline folder or Hub repo (JSON files only), and the components it
+    was saved without."""
     folder = Path(model)
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
@@ -206,13 +208,16 @@ def _folder_specs(model: str | os.PathLike, revision: str | None, hub_kwargs: di
     if not index_path.is_file():
         raise FileNotFoundError(f"{model} has no model_index.json: give a diffusers pipeline folder or repo id.")
     index = json.loads(index_path.read_text())
-    specs = {}
+    specs, left_out = {}, []
     for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list):
+            continue
         config = folder / name / "config.json"
-        if name.startswith("_") or not isinstance(entry, list) or None in entry or not config.is_file():
-            continue  # a scheduler, a tokenizer, or a component left out
-        specs[name] = {"library": entry[0], "class": entry[1], "config": json.loads(config.read_text())}
-    return index["_class_name"], specs
+        if None in entry or not config.parent.is_dir():
+            left_out.append(name)
+        elif config.is_file():  # a model, not a scheduler or a tokenizer
+            specs[name] = {"library": entry[0], "class": entry[1], "config": json.loads(config.read_text())}
+    return specs, left_out
 
 
 def _tensors(module: nn.Module) -> dict[int, torch.Tensor]:
