@@ -62,9 +62,12 @@ def run_generate(args: argparse.Namespace) -> None:
     if args.vram is not None:  # from the configs alone: a budget nothing fits is refused before any weight loads
         from ..memory import folder_footprint, plan_memory
 
-        with _fetch_hint(args.model, "pipeline"):
+        try:
             footprint = folder_footprint(args.model, args.encoder, dtype=dtype)
-        plan_memory(footprint, args.vram, size=max(args.height, args.width))
+        except OSError:
+            footprint = None  # configs out of reach: loading below reports why, with the command that fetches them
+        if footprint is not None:
+            plan_memory(footprint, args.vram, size=max(args.height, args.width))
 
     with _fetch_hint(args.model, "pipeline"):
         pipe = FluxPipeline.from_pretrained(args.model, text_encoder_2=None, dtype=dtype)
