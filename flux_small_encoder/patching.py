@@ -159,10 +159,16 @@ def load_pipeline(
     *,
     pipeline_cls=None,
     encoder_revision: str | None = None,
+    memory_budget: str | int | float | None = None,
+    size: int = 1024,
     **from_pretrained_kwargs,
 ):
     r"""
     Load a pipeline without its T5 encoder, so its weights are never read, and patch in a distilled one.
+
+    With `memory_budget`, the pipeline also gets the fastest memory recipe predicted to fit it (see
+    `flux_small_encoder.memory.plan_memory` and docs/low-vram.md) and is placed on the accelerator (CUDA if available,
+    else the CPU); without, it stays where `from_pretrained` put it.
 
     Args:
         model (`str` or `os.PathLike`):
@@ -173,6 +179,12 @@ def load_pipeline(
             The pipeline class to load.
         encoder_revision (`str`, *optional*):
             Hub branch, tag or commit of the encoder (`revision` applies to the pipeline).
+        memory_budget (`str`, `int` or `float`, *optional*):
+            What the pipeline may allocate on the GPU: GiB as a number, or a string with its unit (`"24GiB"`). A
+            budget no recipe fits raises `MemoryBudgetError` (a `ValueError`) naming the smallest that works.
+        size (`int`, *optional*, defaults to 1024):
+            With `memory_budget`: the image side, in pixels (the larger of height and width), the plan is made for;
+            it serves every smaller image, while a larger one may exceed the budget.
         from_pretrained_kwargs:
             Passed to `pipeline_cls.from_pretrained` (`dtype`, `revision`, `token`, ...); `token`, `cache_dir`,
             `local_files_only` and `proxies` apply to the encoder too.
@@ -180,8 +192,14 @@ def load_pipeline(
     Example:
     ```py
     >>> pipe = load_pipeline("black-forest-labs/FLUX.1-dev", encoder="t5-base-distilled", dtype=torch.bfloat16)
+    >>> # On a 16 GB card: the transformer stored in float8, everything on the GPU (`flux-small-encoder plan`)
+    >>> pipe = load_pipeline("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16, memory_budget="16GiB")
     ```
     """
+    if memory_budget is not None:
+        from .memory import parse_budget
+
+        parse_budget(memory_budget)  # a bad budget fails before any weight is read
     if pipeline_cls is None:
         from diffusers import FluxPipeline
 
@@ -191,7 +209,12 @@ def load_pipeline(
         encoder = resolve_encoder(encoder, encoder_revision)  # a bad name fails before the pipeline's weights are read
     pipe = pipeline_cls.from_pretrained(model, **{slot.encoder: None}, **from_pretrained_kwargs)
     dtype = from_pretrained_kwargs.get("dtype") or from_pretrained_kwargs.get("torch_dtype")
-    return _patch(pipe, encoder, dtype, None, False, hub_kwargs(from_pretrained_kwargs))
+    pipe = _patch(pipe, encoder, dtype, None, False, hub_kwargs(from_pretrained_kwargs))
+    if memory_budget is not None:
+        from .memory import plan_memory
+
+        plan_memory(pipe, memory_budget, size=size).apply(pipe)
+    return pipe
 
 
 def cast_encoder(encoder: nn.Module, dtype: torch.dtype) -> nn.Module:

@@ -73,6 +73,11 @@ PRIVATE_NAMES = (
         "read a component's group-offload settings so that the new encoder gets the same ones",
     ),
     PrivateName(
+        "diffusers.hooks._common", "_GO_LC_SUPPORTED_PYTORCH_LAYERS", None,
+        "size the layers that leaf-level group offloading and layerwise casting move or cast one at a time, for the "
+        "memory plans",
+    ),
+    PrivateName(
         "accelerate.state", "AcceleratorState._reset_state", ("reset_partial_state",),
         "let a second training run in one process choose its own precision and accumulation",
     ),
@@ -157,6 +162,11 @@ def group_offload_config(module):
     """The group-offload settings (diffusers' `GroupOffloadingConfig`) of `module`, or `None` if it has none."""
     hook = _get("_get_top_level_group_offload_hook")(module)
     return None if hook is None else hook.config
+
+
+def offload_layer_types() -> tuple[type, ...]:
+    """The layer types that leaf-level group offloading moves, and layerwise casting casts, one at a time."""
+    return _get("_GO_LC_SUPPORTED_PYTORCH_LAYERS")
 
 
 # --- accelerate (training) ------------------------------------------------------------------------------------------

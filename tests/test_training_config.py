@@ -190,7 +190,7 @@ def test_launch_training_checks_the_config_first_and_names_the_exit_status(monke
 
 
 def test_the_choices_are_the_literal_hints():
-    assert set(CHOICES) == {"objective", "student_init", "mixed_precision", "report_to"}
+    assert set(CHOICES) == {"objective", "student_init", "mixed_precision", "report_to", "attention_backend"}
 
 
 @pytest.mark.parametrize("name, value", [(name, value) for name, values in CHOICES.items() for value in values])

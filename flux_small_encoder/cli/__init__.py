@@ -12,9 +12,9 @@ import argparse
 import sys
 
 from .. import __version__
-from . import checkpoints, generate, hub, options, registry, train
+from . import checkpoints, generate, hub, options, plan, registry, train
 
-COMMAND_GROUPS = (registry, generate, train, hub, checkpoints)
+COMMAND_GROUPS = (registry, generate, plan, train, hub, checkpoints)
 _PACKAGE = __name__.rpartition(".")[0] + "."
 
 EPILOG = """examples:
@@ -22,6 +22,7 @@ EPILOG = """examples:
   flux-small-encoder demo --out demo.png
   flux-small-encoder generate "a cat holding a sign that says hello" --model black-forest-labs/FLUX.1-dev \\
       --encoder t5-base-distilled --out cat.png
+  flux-small-encoder plan --vram 24 --size 1024
   flux-small-encoder train --config tiny output_dir=/tmp/tiny-run
   flux-small-encoder push runs/s3/final me/my-encoder
   flux-small-encoder info t5-base-distilled

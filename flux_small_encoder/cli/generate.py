@@ -8,7 +8,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 
-from . import options
+from . import options, plan
 
 
 def register(subparsers) -> None:
@@ -17,6 +17,7 @@ def register(subparsers) -> None:
         examples=[
             '"a red cube" --model black-forest-labs/FLUX.1-dev --out cube.png',
             '"a red cube" --model path/to/FLUX.1-schnell --encoder path/to/my-student --steps 4 --guidance 0',
+            '"a red cube" --vram 16 --out cube.png   # the fastest memory recipe that fits (see `plan`)',
         ],
         run=run_generate,
     )
@@ -32,7 +33,9 @@ def register(subparsers) -> None:
     options.add_dtype(parser, choices=("bfloat16", "float16", "float32"), default="bfloat16",
                       help="dtype of the pipeline and the encoder")
     options.add_device(parser)
-    parser.add_argument("--offload", action="store_true", help="enable model CPU offload (needs an accelerator)")
+    memory = parser.add_mutually_exclusive_group()
+    memory.add_argument("--offload", action="store_true", help="enable model CPU offload (needs an accelerator)")
+    plan.add_vram(memory, required=False)
 
     parser = options.add_command(
         subparsers, "demo", help="offline smoke run: tiny random FLUX, patched with a tiny student, writes an image",
@@ -58,13 +61,28 @@ def run_generate(args: argparse.Namespace) -> None:
     from ..patching import find_encoder_slot, patch_encoder
     from ..registry import load_encoder
 
+    if args.vram is not None:  # from the configs alone: a budget nothing fits is refused before any weight loads
+        from ..memory import folder_footprint, plan_memory
+
+        try:
+            footprint = folder_footprint(args.model, args.encoder, dtype=dtype)
+        except OSError:
+            footprint = None  # configs out of reach: loading below reports why, with the command that fetches them
+        if footprint is not None:
+            plan_memory(footprint, args.vram, size=max(args.height, args.width))
+
     # The encoder first: it is small and checked before the pipeline's gigabytes are read.
     with _fetch_hint(resolved.path, "encoder"):
         student = load_encoder(resolved, dtype=dtype)
     with _fetch_hint(args.model, "pipeline", exclude=find_encoder_slot(FluxPipeline).encoder):
         pipe = FluxPipeline.from_pretrained(args.model, text_encoder_2=None, dtype=dtype)
     patch_encoder(pipe, student, dtype=dtype)
-    if args.offload:
+    if args.vram is not None:
+        memory_plan = plan_memory(pipe, args.vram, size=max(args.height, args.width))
+        memory_plan.apply(pipe, device)
+        print(f"memory plan: {memory_plan.recipe.name}, predicted peak {memory_plan.chosen.peak / 2**30:.2f} GiB of "
+              f"{args.vram:g}")
+    elif args.offload:
         pipe.enable_model_cpu_offload(device=device)
     else:
         pipe.to(device)

@@ -148,6 +148,12 @@ class TrainingConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute the transformer's activations in backward to save memory."}
     )
+    attention_backend: Literal["auto", "flash", "efficient", "math", "cudnn", "default"] = field(
+        default="auto",
+        metadata={"help": "Attention kernels of the forward and backward passes: `auto` (flash, memory-efficient "
+                  "or math, whichever fits; not cuDNN, whose backward pass fails on Hopper GPUs), one kernel "
+                  "(`flash`, `efficient`, `math`, `cudnn`), or `default` (PyTorch's choice, cuDNN included)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed of the data order, the noise, the guidance and the init."})
 
     # --- LoRA

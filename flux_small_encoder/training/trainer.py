@@ -19,6 +19,7 @@ from torch import nn
 from ..atomic import atomic_folder
 from ..torch_utils import precision_dtype
 from .accelerator import init_trackers, make_accelerator
+from .attention import attention_kernels, describe_attention
 from .batch import TrajectoryMaker, micro_batch_positions
 from .cache import TeacherCache
 from .checkpointing import (
@@ -173,7 +174,7 @@ class DistillationTrainer:
             group, first = divmod(self.step, cfg.steps_per_batch)
             trajectories = [self.make_trajectory(group, micro) for micro in range(cfg.gradient_accumulation_steps)]
             # Resuming mid-trajectory: the teacher's path does not depend on the student, so it is replayed.
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), attention_kernels(cfg.attention_backend):
                 for trajectory in trajectories:
                     self.objective.follow_teacher(trajectory, first)
 
@@ -206,7 +207,9 @@ class DistillationTrainer:
         """Forward and backward on every micro-batch at `step_index`, then one optimizer step on the student."""
         losses = []
         for trajectory in trajectories:
-            with self.accelerator.accumulate(self.student), self.accelerator.autocast():
+            # The attention kernels of a backward pass are those its forward pass chose.
+            with self.accelerator.accumulate(self.student), self.accelerator.autocast(), \
+                    attention_kernels(self.config.attention_backend):
                 student_embeds = self.student(trajectory.input_ids, output_hidden_states=False)[0]
                 outputs = self.objective(student_embeds, trajectory, step_index)
                 self.accelerator.backward(outputs["loss"])
@@ -238,6 +241,7 @@ class DistillationTrainer:
             "timestep_index": step_index,
             "epoch": (self.step // self.config.steps_per_batch + 1) * self._global_batch / len(self.stream),
             "elapsed_s": round(time.perf_counter() - self.start_time, 3),
+            "attention_backend": describe_attention(self.config.attention_backend),
         }
 
     @torch.no_grad()
@@ -262,10 +266,11 @@ class DistillationTrainer:
                 [self.eval_prompts[i] for i in indices], indices, guidance=cfg.eval_guidance_scale,
                 teacher_embeds=self.eval_teacher_embeds[indices], eval_noise=True,
             )
-            with self.accelerator.autocast():
+            with self.accelerator.autocast(), attention_kernels(cfg.attention_backend):
                 student_embeds = student(trajectory.input_ids, output_hidden_states=False)[0]
             embedding_error = per_sample_mse(student_embeds, trajectory.teacher_embeds)
-            error, relative_error = self.objective.trajectory_errors(trajectory, student_embeds)
+            with attention_kernels(cfg.attention_backend):
+                error, relative_error = self.objective.trajectory_errors(trajectory, student_embeds)
             totals[:3] += torch.stack([error.sum(), relative_error.sum(), embedding_error.sum()])
             totals[3] += len(indices)
         totals = self.accelerator.reduce(totals, "sum")

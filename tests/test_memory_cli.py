@@ -1,0 +1,102 @@
+"""`plan` and `generate --vram`: the memory plans from the command line."""
+
+from __future__ import annotations
+
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from flux_small_encoder.cli import main
+from flux_small_encoder.memory import folder_footprint, plan_memory
+
+from .test_cli import one_line_error
+
+
+def plans(vram: float, size: int = 1024) -> list:
+    """What the library plans for FLUX.1-dev with the student and with T5-XXL: what `plan` must print."""
+    return [plan_memory(folder_footprint(None, encoder), vram, size=size) for encoder in ("t5-base-distilled", None)]
+
+
+def test_plan_shows_the_student_and_t5_xxl_side_by_side(capsys):
+    assert main(["plan", "--vram", "24", "--size", "1024", "--all"]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith(" " * 16 + "student:"))
+    assert "T5-XXL: the pipeline's own" in header  # one row, two columns
+    rows = {line[:16].strip(): line[16:].split() for line in out.splitlines() if line[:16].strip()}
+    student, t5 = plans(24)
+    assert rows["recipe"] == [student.recipe.name, t5.recipe.name]
+    assert student.recipe.name in ("resident", "tiled_decode")  # the issue's goal: the transformer stays resident
+    peaks = [f"{plan.chosen.peak / 2**30:.2f}" for plan in (student, t5)]
+    assert rows["predicted peak"] == [peaks[0], "GiB", peaks[1], "GiB"]
+    assert rows["time class"][:3] == ["2", "of", "6:"]
+    assert "FLUX.1-dev's configs with t5-base-distilled, built without weights" in out
+    assert "\n".join(f"  {call}" for call in t5.calls()) in out
+    assert 'apply_group_offloading(pipe.text_encoder_2, onload_device="cuda", offload_type="leaf_level", ' in out
+    if not student.measured:
+        assert f"the peak's {student.peak_activation.entry.phase} figure at 1024 px is estimated" in out
+    every = out[out.index("every recipe"):].splitlines()
+    assert [line.split()[0] for line in every[1:]] == [
+        "resident", "tiled_decode", "t5_streamed", "transformer_fp8", "group_offload", "model_cpu_offload"
+    ]
+
+
+def test_plan_with_a_budget_only_the_student_fits(capsys):
+    assert main(["plan", "--vram", "16"]) == 0
+    rows = {line[:16].strip(): line[16:].split() for line in capsys.readouterr().out.splitlines()}
+    assert rows["recipe"] == [plan.recipe.name for plan in plans(16)] == ["transformer_fp8", "group_offload"]
+
+
+def test_plan_refuses_a_budget_nothing_fits_with_the_smallest_that_works(capsys):
+    assert main(["plan", "--vram", "0.5"]) == 2
+    assert "no memory recipe fits 0.5 GiB at 1024 px: the smallest, group_offload" in one_line_error(capsys)
+    assert main(["plan", "--vram", "-1"]) == 2
+    assert "must be above zero" in one_line_error(capsys)
+
+
+def test_plan_sizes_a_local_pipeline_folder(make_pipe, student, tmp_path, capsys):
+    make_pipe().save_pretrained(tmp_path / "pipe")
+    student.save_pretrained(tmp_path / "student")
+    assert main(["plan", "--vram", "1", "--size", "512", "--model", str(tmp_path / "pipe"), "--encoder",
+                 str(tmp_path / "student"), "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert f"the configs of {tmp_path / 'pipe'} with {tmp_path / 'student'}, built without weights" in out
+
+
+@pytest.fixture
+def tiny_model(make_pipe, seeded_hub, tmp_path):
+    model = tmp_path / "tiny-flux"
+    make_pipe().save_pretrained(model)
+    shutil.rmtree(model / "text_encoder_2")
+    return model
+
+
+def generate(model, out, *extra):
+    return main(["generate", "a cat", "--model", str(model), "--out", str(out), "--steps", "2", "--height", "32",
+                 "--width", "32", "--dtype", "float32", "--device", "cpu", *extra])
+
+
+def test_generate_applies_the_plan_for_its_vram(tiny_model, tmp_path, capsys):
+    assert generate(tiny_model, tmp_path / "cat.png", "--vram", "1") == 0
+    assert re.search(r"memory plan: resident, predicted peak 0\.\d\d GiB of 1\n", capsys.readouterr().out)
+    assert np.asarray(Image.open(tmp_path / "cat.png")).shape == (32, 32, 3)
+
+
+def test_generate_refuses_a_vram_nothing_fits_before_loading_weights(tiny_model, tmp_path, capsys, monkeypatch):
+    import diffusers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline's weights were loaded")
+
+    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", refuse)
+    assert generate(tiny_model, tmp_path / "cat.png", "--vram", "0.3") == 2
+    assert "no memory recipe fits 0.3 GiB at 32 px" in one_line_error(capsys)
+    assert not (tmp_path / "cat.png").exists()
+
+
+def test_generate_takes_vram_or_offload_not_both(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", "a cat", "--vram", "24", "--offload", "--out", str(tmp_path / "cat.png")])
+    assert "not allowed with argument" in capsys.readouterr().err
