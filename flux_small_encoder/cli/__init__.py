@@ -12,9 +12,9 @@ import argparse
 import sys
 
 from .. import __version__
-from . import checkpoints, generate, hub, options, registry, train
+from . import checkpoints, compare, generate, hub, options, registry, train
 
-COMMAND_GROUPS = (registry, generate, train, hub, checkpoints)
+COMMAND_GROUPS = (registry, generate, train, compare, hub, checkpoints)
 _PACKAGE = __name__.rpartition(".")[0] + "."
 
 EPILOG = """examples:
@@ -23,6 +23,7 @@ EPILOG = """examples:
   flux-small-encoder generate "a cat holding a sign that says hello" --model black-forest-labs/FLUX.1-dev \\
       --encoder t5-base-distilled --out cat.png
   flux-small-encoder train --config tiny output_dir=/tmp/tiny-run
+  flux-small-encoder compare --model black-forest-labs/FLUX.1-dev --encoders teacher,t5-base-distilled --out report/
   flux-small-encoder push runs/s3/final me/my-encoder
   flux-small-encoder info t5-base-distilled
 

@@ -10,18 +10,27 @@ from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from .cost import encoder_size, measure_encoding
-from .generation import GenerationSettings, Sampler, TeacherImageCache, encode, frozen_parts_of, pipeline_identity
+from .generation import (
+    REFERENCE,
+    GenerationSettings,
+    ImageStore,
+    Sampler,
+    TeacherImageCache,
+    encode,
+    frozen_parts_of,
+    pipeline_identity,
+)
 from .metrics import ClipScorer, embedding_metrics, image_metrics
 from .ocr import character_accuracy
 from .prompts import EvalPrompt
-from .results import REFERENCE, ComparisonResults, ImageStore
+from .results import ComparisonResults
 
 TEACHER = "teacher"
 
@@ -45,7 +54,7 @@ class Skipped:
 
 def compare_encoders(
     pipe,
-    encoders: Sequence[str | os.PathLike | nn.Module],
+    encoders: Sequence[str | os.PathLike | nn.Module] | Mapping[str, str | os.PathLike | nn.Module],
     prompts: Sequence[str | EvalPrompt],
     seeds: Sequence[int] = (0,),
     *,
@@ -67,11 +76,11 @@ def compare_encoders(
         pipe (`FluxPipeline`):
             A FLUX pipeline holding its T5 encoder: the teacher. Candidates never replace it; the transformer is used
             as it is (on its device, with its offload hooks).
-        encoders (`list`):
+        encoders (`list` or `dict`):
             The candidates: what `patch_encoder` accepts (a registry name, a folder, a Hub repo id, a
             `DistilledT5EncoderModel`), `"teacher"` (the pipeline's own encoder: a self-check, it must score
             perfectly), or `"teacher@METHOD"` (the teacher quantized by a key of `QUANTIZATION_METHODS`; skipped with
-            its reason where the method cannot run).
+            its reason where the method cannot run). A dict names them in the report: `{"mine": "runs/s3/final"}`.
         prompts (`list`):
             Prompts, as strings or `EvalPrompt`s (see `load_eval_prompts`).
         seeds (`list[int]`, *optional*, defaults to `(0,)`):
@@ -108,7 +117,8 @@ def compare_encoders(
         raise ValueError("no prompts to compare on: give at least one prompt.")
     if not encoders:
         raise ValueError("no encoders to compare: give at least one candidate (teacher, teacher@METHOD, a name).")
-    _check_names(encoders)
+    encoders = _named(encoders)
+    _check_names(encoders.values())
     model = model or pipeline_identity(pipe)
     settings = GenerationSettings(steps, size, guidance, max_sequence_length)
     sampler = Sampler(parts, settings)
@@ -127,7 +137,8 @@ class Comparison:
 
     Args:
         sampler: Makes the images.
-        teacher: The teacher encoder (a module called as FluxPipeline calls `text_encoder_2`).
+        teacher: The teacher encoder (a module called as FluxPipeline calls `text_encoder_2`), or a function of token
+            ids that returns its embeddings (the trainer's teacher cache); its cost is then not reported.
         prompts: The prompts.
         seeds: The seeds.
         batch_size: Images sampled at once.
@@ -138,7 +149,7 @@ class Comparison:
         progress: Show progress bars.
     """
 
-    def __init__(self, sampler: Sampler, teacher: nn.Module, prompts: list[EvalPrompt], seeds: list[int], *,
+    def __init__(self, sampler: Sampler, teacher: nn.Module | Callable, prompts: list[EvalPrompt], seeds: list[int], *,
                  batch_size: int = 1, model: str = "", cache: TeacherImageCache | None = None,
                  clip: ClipScorer | None = None, ocr: bool = True, progress: bool = True):
         self.sampler, self.prompts, self.seeds = sampler, prompts, seeds
@@ -152,14 +163,14 @@ class Comparison:
         self.jobs = [(index, seed) for index in range(len(prompts)) for seed in seeds]
         # The teacher: its embeddings (kept on the CPU), its cost, its images and the scores of its images.
         self.teacher_embeds, cost = self._encode(teacher)
-        self.results.add_reference(encoder_size(teacher), cost)
+        self.results.add_reference(encoder_size(teacher) if isinstance(teacher, nn.Module) else {}, cost)
         self.teacher_scores = self._teacher_images(cache)
 
-    def _encode(self, encoder: nn.Module) -> tuple[torch.Tensor, dict]:
+    def _encode(self, encoder: nn.Module | Callable) -> tuple[torch.Tensor, dict]:
         input_ids = self.sampler.tokenize([prompt.text for prompt in self.prompts])
         chunks = input_ids.split(self.batch_size)
-        device = self.sampler.device
-        embeds, cost = measure_encoding(lambda: [encode(encoder, chunk).cpu() for chunk in chunks], device)
+        run = (lambda chunk: encode(encoder, chunk)) if isinstance(encoder, nn.Module) else encoder
+        embeds, cost = measure_encoding(lambda: [run(chunk).cpu() for chunk in chunks], self.sampler.device)
         cost["encode_seconds_per_prompt"] = cost.pop("seconds") / len(self.prompts)
         return torch.cat(embeds), cost
 
@@ -268,7 +279,22 @@ def _check_names(encoders) -> None:
             resolve_encoder(name)
 
 
-def load_candidates(pipe, encoders, device) -> Iterator[Candidate | Skipped]:
+def _named(encoders) -> dict[str, str | os.PathLike | nn.Module]:
+    """Candidates by the names the report gives them: as given, or a model's `name_or_path`."""
+    if isinstance(encoders, Mapping):
+        return dict(encoders)
+    named = {}
+    for number, encoder in enumerate(encoders):
+        if isinstance(encoder, nn.Module):
+            named[getattr(encoder, "name_or_path", "") or f"encoder-{number}"] = encoder
+        else:
+            named[os.fspath(encoder)] = encoder
+    return named
+
+
+def load_candidates(
+    pipe, encoders: Mapping[str, str | os.PathLike | nn.Module], device
+) -> Iterator[Candidate | Skipped]:
     """Each candidate in turn, loaded only when its turn comes (and dropped by the caller after it)."""
     from ..modeling import DistilledT5EncoderModel
     from ..patching import check_compatible
@@ -276,25 +302,24 @@ def load_candidates(pipe, encoders, device) -> Iterator[Candidate | Skipped]:
     from .quantize import QuantizationUnavailable, quantized_teacher
 
     teacher, dtype = pipe.text_encoder_2, pipe.transformer.dtype
-    for number, encoder in enumerate(encoders):
+    for name, encoder in encoders.items():
         if isinstance(encoder, nn.Module):
-            name = getattr(encoder, "name_or_path", "") or f"encoder-{number}"
             yield Candidate(name, encoder.eval(), "distilled")
             continue
-        name = os.fspath(encoder)
-        if name == TEACHER:
-            yield Candidate(TEACHER, teacher, "teacher")
-        elif name.startswith(f"{TEACHER}@"):
+        spec = os.fspath(encoder)
+        if spec == TEACHER:
+            yield Candidate(name, teacher, "teacher")
+        elif spec.startswith(f"{TEACHER}@"):
             source = pipe.name_or_path if pipe.name_or_path and _has_teacher_folder(pipe.name_or_path) else None
             try:
-                quantized = quantized_teacher(teacher, name.partition("@")[2], source=source,
+                quantized = quantized_teacher(teacher, spec.partition("@")[2], source=source,
                                               subfolder="text_encoder_2" if source else None, device=device)
             except QuantizationUnavailable as error:
                 yield Skipped(name, str(error))
                 continue
             yield Candidate(name, quantized, "quantized")
         else:
-            student: DistilledT5EncoderModel = load_encoder(name, dtype=dtype)
+            student: DistilledT5EncoderModel = load_encoder(spec, dtype=dtype)
             check_compatible(pipe, student)
             yield Candidate(name, student.eval().to(device), "distilled")
 

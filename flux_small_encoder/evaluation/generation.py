@@ -13,6 +13,9 @@ import copy
 import hashlib
 import json
 import os
+import shutil
+import tempfile
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -149,6 +152,44 @@ def encode(encoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
     with torch.no_grad():
         return encoder(input_ids.to(get_module_execution_device(encoder)), output_hidden_states=False)[0]
+
+
+# The key of the teacher's own images in an `ImageStore` (a candidate may be called `teacher`).
+REFERENCE = None
+
+
+class ImageStore:
+    """The images of a comparison, as PNG files in a scratch folder (or the teacher cache), so memory holds none.
+
+    Images are filed by encoder name, `REFERENCE` for the teacher's own (a candidate may be called `teacher`). The
+    scratch folder is deleted with the store.
+    """
+
+    def __init__(self):
+        self.folder = Path(tempfile.mkdtemp(prefix="flux-small-encoder-compare-"))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
+        self.paths: dict[tuple[str | None, int, int], Path] = {}
+        self._written = 0
+
+    def put(self, encoder: str | None, job: tuple[int, int], image: torch.Tensor | Path) -> Path:
+        """Keep `image` (a `(3, height, width)` uint8 tensor, or the path of a PNG) for `(encoder, (prompt, seed))`."""
+        if isinstance(image, torch.Tensor):
+            path = self.folder / f"{self._written}.png"
+            self._written += 1
+            to_pil(image).save(path)
+            image = path
+        self.paths[(encoder, *job)] = Path(image)
+        return Path(image)
+
+    def get(self, encoder: str | None, job: tuple[int, int]) -> torch.Tensor:
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(self.paths[(encoder, *job)]) as image:
+            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+
+    def path(self, encoder: str | None, job: tuple[int, int]) -> Path:
+        return self.paths[(encoder, *job)]
 
 
 class TeacherImageCache:

@@ -17,7 +17,8 @@ from ..training.distill import per_sample_mse
 # PSNR of identical images is infinite: it is reported capped here, so that results.json stays plain JSON. Two 8-bit
 # images differing in more than a handful of values read below it.
 PSNR_CAP_DB = 100.0
-# Metric -> whether higher is better. The summaries' "worst" is the minimum or the maximum accordingly.
+# Metric -> whether higher is better. The summaries' "worst" is the minimum or the maximum accordingly. Records also
+# carry the teacher's own `teacher_ocr_accuracy` and `teacher_clip_score`, summarised as the reference's.
 HIGHER_IS_BETTER = {
     "psnr": True,
     "ssim": True,
@@ -26,10 +27,10 @@ HIGHER_IS_BETTER = {
     "trajectory_error": False,
     "trajectory_relative_error": False,
     "ocr_accuracy": True,
-    "teacher_ocr_accuracy": True,
     "clip_score": True,
-    "teacher_clip_score": True,
 }
+# The metric that orders prompts from worst to best in summaries and reports.
+RANKING_METRIC = "ssim"
 # Shown in reports, in this order, when present.
 METRIC_LABELS = {
     "psnr": "PSNR (dB)",
@@ -39,9 +40,7 @@ METRIC_LABELS = {
     "trajectory_error": "trajectory error",
     "trajectory_relative_error": "relative trajectory error",
     "ocr_accuracy": "OCR char. accuracy",
-    "teacher_ocr_accuracy": "teacher's OCR char. accuracy",
     "clip_score": "CLIP score",
-    "teacher_clip_score": "teacher's CLIP score",
 }
 
 

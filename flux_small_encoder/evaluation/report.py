@@ -12,15 +12,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..atomic import atomic_folder
-from .metrics import METRIC_LABELS
-from .results import RANKING_METRIC, REFERENCE, ComparisonResults, slug
+from .generation import REFERENCE
+from .metrics import METRIC_LABELS, RANKING_METRIC
+
+if TYPE_CHECKING:
+    from .results import ComparisonResults
 
 REPORT_FILES = ("index.html", "results.json")
 TEMPLATE = "report.html"
@@ -124,6 +129,11 @@ def _image_path(encoder_slug: str, index: int, seed: int, kind: str = "images") 
     return f"{kind}/{encoder_slug}/p{index:04d}-s{seed}.png"
 
 
+def slug(name: str) -> str:
+    """A file-name-safe form of an encoder name (`runs/s3/final` -> `runs-s3-final`)."""
+    return re.sub(r"[^A-Za-z0-9._@-]+", "-", name).strip("-.") or "encoder"
+
+
 def _unique_slugs(names: list[str]) -> dict[str, str]:
     slugs, used = {}, {"teacher"}
     for name in names:
@@ -159,7 +169,27 @@ def _render(results: ComparisonResults, data: dict, records: list[dict]) -> str:
     shown = [name for name in METRIC_LABELS if name in data["metrics"]]
     grids = {name: f"grids/{encoder_slug}.png" for name, encoder_slug in _unique_slugs(results.encoder_names).items()}
     return template.render(data=data, prompts=prompts, metrics=shown, labels=METRIC_LABELS, grids=grids,
-                           full_scale=HEATMAP_FULL_SCALE)
+                           cost_rows=_cost_rows(data), full_scale=HEATMAP_FULL_SCALE)
+
+
+def _cost_rows(data: dict) -> list[dict]:
+    """The summary table's cost cells: the teacher (reference) first, then each candidate; `None` where unknown."""
+
+    def scaled(entry: dict, key: str, factor: float) -> float | None:
+        return None if entry.get(key) is None else entry[key] * factor
+
+    return [
+        {
+            "stats": entry["summary"]["metrics"] if entry.get("kind") == "reference"
+            else data["summary"][entry["encoder"]]["metrics"],
+            "label": f"{entry['encoder']} ({entry.get('kind', 'reference')})",
+            "parameters": entry.get("parameters"),
+            "megabytes": scaled(entry, "bytes", 1e-6),
+            "encode_ms": scaled(entry, "encode_seconds_per_prompt", 1e3),
+            "peak_megabytes": scaled(entry, "peak_memory_bytes", 1e-6),
+        }
+        for entry in [data["reference"], *data["encoders"]]
+    ]
 
 
 def _number(value, digits: int = 4) -> str:

@@ -6,24 +6,14 @@ The data comes first (`to_json`, written as `results.json`); `save` adds the vie
 from __future__ import annotations
 
 import os
-import re
-import shutil
 import statistics
-import tempfile
-import weakref
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
-from .generation import GenerationSettings, to_pil
-from .metrics import HIGHER_IS_BETTER, METRIC_LABELS, PSNR_CAP_DB
+from .generation import GenerationSettings, ImageStore
+from .metrics import HIGHER_IS_BETTER, METRIC_LABELS, PSNR_CAP_DB, RANKING_METRIC
 from .prompts import EvalPrompt
 
-# The key of the teacher's own images in an `ImageStore`.
-REFERENCE = None
-# The metric that orders prompts from worst to best in summaries and reports.
-RANKING_METRIC = "ssim"
 WORST_PROMPTS = 5
 # Metrics that are never computed here, and why (said in every report instead of leaving them out silently).
 SKIPPED_METRICS = {
@@ -40,40 +30,6 @@ NOTES = {
     "at 0 (prompts that quote text only)",
     "clip_score": "100 * max(cosine(image, prompt), 0) with the local CLIP model given",
 }
-
-
-class ImageStore:
-    """The images of a comparison, as PNG files in a scratch folder (or the teacher cache), so memory holds none.
-
-    Images are filed by encoder name, `REFERENCE` for the teacher's own (a candidate may be called `teacher`). The
-    scratch folder is deleted with the store.
-    """
-
-    def __init__(self):
-        self.folder = Path(tempfile.mkdtemp(prefix="flux-small-encoder-compare-"))
-        self._finalizer = weakref.finalize(self, shutil.rmtree, self.folder, ignore_errors=True)
-        self.paths: dict[tuple[str | None, int, int], Path] = {}
-        self._written = 0
-
-    def put(self, encoder: str | None, job: tuple[int, int], image: torch.Tensor | Path) -> Path:
-        """Keep `image` (a `(3, height, width)` uint8 tensor, or the path of a PNG) for `(encoder, (prompt, seed))`."""
-        if isinstance(image, torch.Tensor):
-            path = self.folder / f"{self._written}.png"
-            self._written += 1
-            to_pil(image).save(path)
-            image = path
-        self.paths[(encoder, *job)] = Path(image)
-        return Path(image)
-
-    def get(self, encoder: str | None, job: tuple[int, int]) -> torch.Tensor:
-        import numpy as np
-        from PIL import Image
-
-        with Image.open(self.paths[(encoder, *job)]) as image:
-            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-
-    def path(self, encoder: str | None, job: tuple[int, int]) -> Path:
-        return self.paths[(encoder, *job)]
 
 
 class ComparisonResults:
@@ -106,6 +62,21 @@ class ComparisonResults:
     @property
     def encoder_names(self) -> list[str]:
         return [encoder["encoder"] for encoder in self.encoders]
+
+    def reference_summary(self) -> dict[str, dict]:
+        """The teacher's own OCR accuracy and CLIP score (what a candidate's are measured beside), overall and per
+        category."""
+        first = self.encoder_names[0] if self.encoders else None
+        # Every candidate's records carry the same teacher scores: one candidate's are all of them.
+        records = [
+            {key.removeprefix("teacher_"): value for key, value in record.items()
+             if key == "category" or key.startswith("teacher_")}
+            for record in self.records
+            if record["encoder"] == first
+        ]
+        categories = sorted({record["category"] for record in records})
+        return {"metrics": _stats(records),
+                "categories": {c: _stats([r for r in records if r["category"] == c]) for c in categories}}
 
     def summary(self) -> dict[str, dict]:
         """Per encoder: each metric's mean, median and worst, overall and per prompt category, and the worst
@@ -156,7 +127,7 @@ class ComparisonResults:
                 if any(name in record for record in self.records)
             },
             "skipped_metrics": SKIPPED_METRICS,
-            "reference": self.reference,
+            "reference": {**self.reference, "summary": self.reference_summary()},
             "encoders": self.encoders,
             "skipped": self.skipped,
             "summary": self.summary(),
@@ -173,11 +144,6 @@ class ComparisonResults:
         from .report import write_report
 
         return write_report(self, folder, overwrite=overwrite)
-
-
-def slug(name: str) -> str:
-    """A file-name-safe form of an encoder name (`runs/s3/final` -> `runs-s3-final`)."""
-    return re.sub(r"[^A-Za-z0-9._@-]+", "-", name).strip("-.") or "encoder"
 
 
 def _stats(records: list[dict]) -> dict[str, dict]:
