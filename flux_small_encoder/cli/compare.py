@@ -9,7 +9,7 @@ import tempfile
 from . import options
 
 TINY_ENCODERS = "teacher,tiny-student,teacher@quanto-int8"
-TINY_PROMPTS = "commontext-test:2,compbench-val:4"
+TINY_PROMPTS = "commontext-test:1,compbench-val:3"
 
 
 def register(subparsers) -> None:
