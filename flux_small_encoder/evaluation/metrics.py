@@ -53,8 +53,11 @@ def image_metrics(images: torch.Tensor, references: torch.Tensor) -> dict[str, l
     """
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-    images, references = images.double(), references.double()
-    psnr = peak_signal_noise_ratio(images, references, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    # float32, channels-last: SSIM's Gaussian window is a depthwise convolution, about 50x faster so on a CPU than in
+    # float64 and 4x faster than channels-first (0.18 s for a 1024 px pair on one thread, benchmarks/compare.py).
+    images, references = (x.float().contiguous(memory_format=torch.channels_last) for x in (images, references))
+    psnr = peak_signal_noise_ratio(images.double(), references.double(), data_range=1.0, reduction="none",
+                                   dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(images, references, data_range=1.0, reduction="none")
     return {"psnr": psnr.clamp(max=PSNR_CAP_DB).tolist(), "ssim": ssim.tolist()}
 
