@@ -6,8 +6,8 @@ float32 embeddings, FLUX.1's shape), OCR of one image (done only for prompts tha
 
 Generation here is a tiny random FLUX (one transformer layer, 32 wide, a 4-level tiny VAE: FLUX's 8x latent grid, so
 4,096 image tokens at 1024 px), sampled at 1024 px with `--steps` steps by the comparison's own `Sampler`: it stands
-for the generation a comparison runs, far below the real model's cost (FLUX.1-dev at 1024 px, 20 steps: 3.63 s an
-image on one H200, docs/REFERENCE figures), so the ratio printed is an upper bound of the metrics' share.
+for the generation a comparison runs, far below the real model's cost (FLUX.1-dev's shapes at 1024 px, 20 steps, bf16:
+3.63 s an image on one H200), so the ratio printed is an upper bound of the metrics' share.
 
 Each timing is the fastest of `--repeats` calls after a warm-up.
 

@@ -113,12 +113,15 @@ def _load(args: argparse.Namespace, dtype):
 
 def _tiny(names: list[str], scratch: str, dtype):
     """The tiny random FLUX and the candidates, `tiny-student` saved and named by its folder's name."""
+    import torch
+
     from ..tiny import tiny_flux_pipeline, tiny_student
 
     folder = os.path.join(scratch, "tiny-student")
     tiny_student().save_pretrained(folder)  # through the real loading path
     encoders = {name: (folder if name == "tiny-student" else name) for name in names}
-    return tiny_flux_pipeline().to(dtype), encoders
+    pipe = tiny_flux_pipeline()
+    return (pipe if dtype == torch.float32 else pipe.to(dtype)), encoders
 
 
 def _default_cache() -> str:
