@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from diffusers.training_utils import free_memory
 from torch import nn
 
 from .cost import encoder_size, measure_encoding
@@ -127,8 +128,10 @@ def compare_encoders(
         cache=TeacherImageCache(cache_dir, model) if cache_dir is not None else None,
         clip=ClipScorer(clip, sampler.device) if clip is not None else None, ocr=ocr, progress=progress,
     )
-    for candidate in load_candidates(pipe, encoders, sampler.device):
-        comparison.add(candidate)
+    for name, encoder in encoders.items():
+        # Loaded when its turn comes and released after it: one candidate in memory at a time.
+        comparison.add(load_candidate(pipe, name, encoder, sampler.device))
+        free_memory()
     return comparison.results
 
 
@@ -256,10 +259,6 @@ class Comparison:
                     **({"quoted_text": self.prompts[index].quoted_text} if self.prompts[index].quoted_text else {}),
                     **scores[position], **self.teacher_scores[(index, seed)],
                 })
-        del embeds, candidate
-        from diffusers.training_utils import free_memory
-
-        free_memory()
 
 
 def _check_names(encoders) -> None:
@@ -292,36 +291,28 @@ def _named(encoders) -> dict[str, str | os.PathLike | nn.Module]:
     return named
 
 
-def load_candidates(
-    pipe, encoders: Mapping[str, str | os.PathLike | nn.Module], device
-) -> Iterator[Candidate | Skipped]:
-    """Each candidate in turn, loaded only when its turn comes (and dropped by the caller after it)."""
-    from ..modeling import DistilledT5EncoderModel
+def load_candidate(pipe, name: str, encoder: str | os.PathLike | nn.Module, device) -> Candidate | Skipped:
+    """The candidate `encoder`, named `name`, ready to encode on `device` (or why it cannot run here)."""
     from ..patching import check_compatible
     from ..registry import load_encoder
     from .quantize import QuantizationUnavailable, quantized_teacher
 
-    teacher, dtype = pipe.text_encoder_2, pipe.transformer.dtype
-    for name, encoder in encoders.items():
-        if isinstance(encoder, nn.Module):
-            yield Candidate(name, encoder.eval(), "distilled")
-            continue
-        spec = os.fspath(encoder)
-        if spec == TEACHER:
-            yield Candidate(name, teacher, "teacher")
-        elif spec.startswith(f"{TEACHER}@"):
-            source = pipe.name_or_path if pipe.name_or_path and _has_teacher_folder(pipe.name_or_path) else None
-            try:
-                quantized = quantized_teacher(teacher, spec.partition("@")[2], source=source,
-                                              subfolder="text_encoder_2" if source else None, device=device)
-            except QuantizationUnavailable as error:
-                yield Skipped(name, str(error))
-                continue
-            yield Candidate(name, quantized, "quantized")
-        else:
-            student: DistilledT5EncoderModel = load_encoder(spec, dtype=dtype)
-            check_compatible(pipe, student)
-            yield Candidate(name, student.eval().to(device), "distilled")
+    if isinstance(encoder, nn.Module):
+        return Candidate(name, encoder.eval(), "distilled")
+    spec = os.fspath(encoder)
+    if spec == TEACHER:
+        return Candidate(name, pipe.text_encoder_2, "teacher")
+    if spec.startswith(f"{TEACHER}@"):
+        source = pipe.name_or_path if pipe.name_or_path and _has_teacher_folder(pipe.name_or_path) else None
+        try:
+            quantized = quantized_teacher(pipe.text_encoder_2, spec.partition("@")[2], source=source,
+                                          subfolder="text_encoder_2" if source else None, device=device)
+        except QuantizationUnavailable as error:
+            return Skipped(name, str(error))
+        return Candidate(name, quantized, "quantized")
+    student = load_encoder(spec, dtype=pipe.transformer.dtype)
+    check_compatible(pipe, student)
+    return Candidate(name, student.eval().to(device), "distilled")
 
 
 def _has_teacher_folder(name: str) -> bool:

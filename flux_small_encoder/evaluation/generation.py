@@ -182,7 +182,6 @@ class ImageStore:
         return Path(image)
 
     def get(self, encoder: str | None, job: tuple[int, int]) -> torch.Tensor:
-        import numpy as np
         from PIL import Image
 
         with Image.open(self.paths[(encoder, *job)]) as image:
@@ -213,16 +212,6 @@ class TeacherImageCache:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return self.folder / f"teacher-{digest}.png"
 
-    def load(self, key: dict) -> torch.Tensor | None:
-        """The cached `(3, height, width)` uint8 image of `key`, or `None`."""
-        from PIL import Image
-
-        path = self.path(key)
-        if not path.is_file():
-            return None
-        with Image.open(path) as image:
-            return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
-
     def save(self, key: dict, image: torch.Tensor) -> Path:
         from PIL import PngImagePlugin
 
@@ -243,9 +232,8 @@ def to_pil(image: torch.Tensor):
 
 def pipeline_identity(pipe) -> str:
     """What names a pipeline's weights in cache keys: its Hub id or folder, else a fingerprint of its weights."""
-    name = getattr(pipe, "name_or_path", None) or pipe.config.get("_name_or_path")
-    if name:
-        return str(name)
+    if pipe.name_or_path:
+        return str(pipe.name_or_path)
     digest = hashlib.sha256()
     for component in ("transformer", "text_encoder", "text_encoder_2", "vae"):
         module = getattr(pipe, component, None)

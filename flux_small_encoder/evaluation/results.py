@@ -42,6 +42,7 @@ class ComparisonResults:
         self.encoders: list[dict] = []
         self.skipped: list[dict] = []
         self.reference: dict = {}
+        self._indices = {prompt.text: index for index, prompt in enumerate(prompts)}
 
     # --- filled by the comparison -------------------------------------------------------------------------------
 
@@ -108,8 +109,7 @@ class ComparisonResults:
         return sorted(range(len(self.prompts)), key=lambda index: (worst.get(index, float("inf")), index))
 
     def prompt_index(self, text: str) -> int:
-        if not hasattr(self, "_indices"):
-            self._indices = {prompt.text: index for index, prompt in enumerate(self.prompts)}
+        """The position of a prompt in `prompts`."""
         return self._indices[text]
 
     def to_json(self) -> dict:
