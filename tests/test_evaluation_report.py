@@ -177,3 +177,46 @@ def test_push_card_carries_the_comparison_as_model_index(report, tmp_path, stude
     results["encoders"].append({**results["encoders"][1], "encoder": "other"})
     with pytest.raises(ValueError, match="compares 2 distilled encoders"):
         model_card.model_card(folder, "me/tiny", results=results)
+
+
+# --- a pipeline folder, and CLIP ------------------------------------------------------------------------------------
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A tiny random transformers CLIP model and its processor, saved to `folder`."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    from flux_small_encoder.tiny import tiny_clip_tokenizer
+
+    torch.manual_seed(0)
+    common = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=1)
+    config = CLIPConfig(
+        text_config=dict(**common, vocab_size=600, bos_token_id=0, eos_token_id=1, pad_token_id=1),
+        vision_config=dict(**common, image_size=32, patch_size=8), projection_dim=16,
+    )
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tiny_clip_tokenizer()).save_pretrained(folder)
+    return folder
+
+
+def test_compare_a_pipeline_folder_with_clip_scores(make_pipe, tmp_path):
+    """`--model FOLDER`: the teacher is the folder's text_encoder_2 (teacher@METHOD reads it from there), and `--clip`
+    scores candidate and teacher images with a local CLIP."""
+    make_pipe().save_pretrained(tmp_path / "pipe")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\na blue sphere\n")
+    out = tmp_path / "report"
+    assert main(["compare", "--model", str(tmp_path / "pipe"), "--encoders", "teacher,teacher@quanto-int8",
+                 "--prompts", str(prompts), "--steps", "2", "--size", "32", "--max-sequence-length", "32",
+                 "--dtype", "float32", "--clip", str(tiny_clip(tmp_path / "clip")), "--out", str(out),
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == str(tmp_path / "pipe")
+    assert {record["category"] for record in results["records"]} == {"prompts"}
+    for record in results["records"]:
+        assert 0 <= record["clip_score"] <= 100 and 0 <= record["teacher_clip_score"] <= 100
+        if record["encoder"] == "teacher":
+            assert record["clip_score"] == record["teacher_clip_score"]
+    assert "clip_score" in results["reference"]["summary"]["metrics"]
