@@ -244,7 +244,8 @@ def run_train(profile: Profile, scenario: dict, plan: dict | None) -> dict:
     prompts = folder / "prompts.txt"
     prompts.write_text("\n".join(f"a photo of {n} red cubes on a wooden board" for n in range(8)) + "\n")
     overrides = [
-        f"output_dir={folder / 'run'}", "report_to=none", "num_eval_prompts=0", "num_inference_steps=20",
+        f"output_dir={folder / 'run'}", "report_to=none", "num_eval_prompts=0", "validation_prompts=[]",
+        "num_inference_steps=20",
         f"train_batch_size={scenario['batch']}", f"max_sequence_length={profile.tokens}",
         f"resolution={profile.sides[scenario['side']]}", f"train_data=[{prompts}]", "lr_scheduler=constant",
         f"mixed_precision={'bf16' if profile.dtype == 'bfloat16' else 'no'}",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, OfflineModeIsEnabled
 
-from .model_card import LIBRARY_NAME, model_card, read_training_config
+from .model_card import LIBRARY_NAME, model_card, read_results, read_training_config
 from .registry import TOKENIZER_FILES, fetch_encoder, is_repo_id, resolve_encoder
 
 if TYPE_CHECKING:
@@ -107,6 +107,7 @@ def push_to_hub(
         if not (staging / "README.md").exists():
             card = model_card(
                 staging, repo_id, training_config=read_training_config(source) if source is not None else None,
+                results=read_results(source) if source is not None else None,
                 license=license, pipeline=pipeline, teacher=teacher, base_model=base_model,
             )
             card.save(staging / "README.md")

@@ -90,6 +90,10 @@ PRIVATE_NAMES = (
         "pack training noise into the transformer's token layout exactly as FluxPipeline does",
     ),
     PrivateName(
+        _FLUX, "FluxPipeline._unpack_latents", ("latents", "height", "width", "vae_scale_factor"),
+        "turn sampled tokens back into the VAE's latent grid exactly as FluxPipeline does (evaluation images)",
+    ),
+    PrivateName(
         _FLUX, "FluxPipeline._prepare_latent_image_ids", ("batch_size", "height", "width", "device", "dtype"),
         "make the image tokens' positional ids exactly as FluxPipeline does",
     ),
@@ -184,6 +188,11 @@ def reset_accelerate_state() -> None:
 def pack_latents(latents, batch_size: int, channels: int, height: int, width: int):
     """`(batch, channels, height, width)` noise -> FLUX's packed `(batch, height * width / 4, channels * 4)` tokens."""
     return _get("FluxPipeline._pack_latents")(latents, batch_size, channels, height, width)
+
+
+def unpack_latents(latents, height: int, width: int, vae_scale_factor: int):
+    """FLUX's packed tokens -> `(batch, channels, height / f, width / f)` latents of a `height` x `width` image."""
+    return _get("FluxPipeline._unpack_latents")(latents, height, width, vae_scale_factor)
 
 
 def latent_image_ids(batch_size: int, height: int, width: int, device, dtype):

@@ -12,9 +12,9 @@ import argparse
 import sys
 
 from .. import __version__
-from . import checkpoints, generate, hub, options, plan, registry, train
+from . import checkpoints, compare, generate, hub, options, plan, registry, train
 
-COMMAND_GROUPS = (registry, generate, plan, train, hub, checkpoints)
+COMMAND_GROUPS = (registry, generate, plan, train, compare, hub, checkpoints)
 _PACKAGE = __name__.rpartition(".")[0] + "."
 
 EPILOG = """examples:
@@ -24,6 +24,7 @@ EPILOG = """examples:
       --encoder t5-base-distilled --out cat.png
   flux-small-encoder plan --vram 24 --size 1024
   flux-small-encoder train --config tiny output_dir=/tmp/tiny-run
+  flux-small-encoder compare --model black-forest-labs/FLUX.1-dev --encoders teacher,t5-base-distilled --out report/
   flux-small-encoder push runs/s3/final me/my-encoder
   flux-small-encoder info t5-base-distilled
 

@@ -93,7 +93,6 @@ class TrajectoryMaker:
             pooled = torch.zeros(len(prompts), transformer_config.pooled_projection_dim)
         else:
             pooled = clip_pooled_embeds(self.frozen.text_encoder, self.frozen.tokenizer, prompts)
-        channels, height, width = self.latent_shape
         noise, scales = [], []
         for position in positions:
             # Each prompt's noise and guidance depend on (seed, position) only.
@@ -101,14 +100,34 @@ class TrajectoryMaker:
             noise.append(torch.randn(self.latent_shape, generator=generator))
             index = torch.randint(len(cfg.guidance_scales), (1,), generator=generator).item()
             scales.append(cfg.guidance_scales[index] if guidance is None else guidance)
-        latents = pack_latents(torch.stack(noise), len(prompts), channels, height, width)
-        has_guidance = transformer_config.guidance_embeds  # FLUX.1-dev's guidance distillation; schnell has none
-        return Trajectory(
-            prompts=prompts,
-            input_ids=input_ids.to(device),
-            teacher_embeds=teacher_embeds.to(device, self.dtype),
-            pooled_embeds=pooled.to(device, self.dtype),
-            latents=latents.to(device, self.dtype),
-            latent_ids=latent_image_ids(len(prompts), height // 2, width // 2, device, self.dtype),
-            guidance=torch.tensor(scales, device=device, dtype=torch.float32) if has_guidance else None,
+        return start_trajectory(
+            self.frozen, prompts, input_ids, teacher_embeds, pooled, torch.stack(noise), scales, device, self.dtype
         )
+
+
+def start_trajectory(
+    frozen: FrozenParts,
+    prompts: list[str],
+    input_ids: torch.Tensor,
+    teacher_embeds: torch.Tensor,
+    pooled: torch.Tensor,
+    noise: torch.Tensor,
+    guidance: list[float],
+    device,
+    dtype: torch.dtype,
+) -> Trajectory:
+    """A trajectory at its first timestep, from unpacked noise `(batch, channels, height, width)` (what
+    `TrajectoryMaker` and the evaluation's sampler share). `guidance` is ignored by transformers without guidance
+    embeddings."""
+    batch, channels, height, width = noise.shape
+    latents = pack_latents(noise, batch, channels, height, width)
+    has_guidance = frozen.transformer.config.guidance_embeds  # FLUX.1-dev's guidance distillation; schnell has none
+    return Trajectory(
+        prompts=prompts,
+        input_ids=input_ids.to(device),
+        teacher_embeds=teacher_embeds.to(device, dtype),
+        pooled_embeds=pooled.to(device, dtype),
+        latents=latents.to(device, dtype),
+        latent_ids=latent_image_ids(batch, height // 2, width // 2, device, dtype),
+        guidance=torch.tensor(guidance, device=device, dtype=torch.float32) if has_guidance else None,
+    )

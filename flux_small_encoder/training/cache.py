@@ -154,7 +154,8 @@ def cache_teacher(
     batch_size: int = 16,
     device: torch.device | str | None = None,
 ) -> Path:
-    """Write the teacher embeddings of every prompt of a run (`train_data` and `eval_data`) into a cache folder.
+    """Write the teacher embeddings of every prompt of a run (`train_data`, `eval_data`, `validation_prompts`) into a
+    cache folder.
 
     Then `teacher_cache=FOLDER` trains without loading the teacher.
 
@@ -179,7 +180,7 @@ def cache_teacher(
         raise ValueError("no folder for the teacher cache: give `out` (--out), or set teacher_cache in the config.")
     if Path(out).exists():
         raise FileExistsError(f"{out} exists: give a new folder for the teacher cache (nothing was overwritten).")
-    prompts = load_sources(config.train_data + config.eval_data, seed=config.seed)
+    prompts = load_sources(config.train_data + config.eval_data, seed=config.seed) + config.validation_prompts
     model_dtype = precision_dtype(config.mixed_precision)
     device = device or default_device()
     teacher = load_teacher(config, model_dtype).to(device)

@@ -176,6 +176,17 @@ class TrainingConfig:
     )
     eval_steps: int = field(default=250, metadata={"help": "Run the held-out evaluation every this many steps."})
     eval_guidance_scale: float = field(default=3.5, metadata={"help": "Guidance of the evaluation trajectories."})
+    validation_prompts: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Prompts whose teacher and student images are saved (`output_dir/validation/step-N.png`) "
+                  "and logged to TensorBoard every `validation_steps`, with their PSNR/SSIM. Empty: no validation "
+                  "(and the VAE is not loaded). With validation on, the fidelity report of the held-out prompts is "
+                  "written to `output_dir/fidelity/` at the end of the run."},
+    )
+    validation_seeds: list[int] = field(
+        default_factory=lambda: [0], metadata={"help": "Seeds of the validation images (one per prompt and seed)."}
+    )
+    validation_steps: int = field(default=500, metadata={"help": "Make validation images every this many steps."})
     report_to: Literal["auto", "tensorboard", "none"] = field(
         default="auto", metadata={"help": "`tensorboard`, `none`, or `auto` (TensorBoard when it is installed)."}
     )
@@ -202,9 +213,11 @@ class TrainingConfig:
         self.train_data = [_source(source) for source in self.train_data]
         self.eval_data = [_source(source) for source in self.eval_data]
         for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps",
-                     "checkpointing_steps", "eval_steps", "max_sequence_length"):
+                     "checkpointing_steps", "eval_steps", "max_sequence_length", "validation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
+        if self.validation_prompts and not self.validation_seeds:
+            raise ValueError("validation_seeds must hold at least one seed when validation_prompts are given.")
         if not self.guidance_scales:
             raise ValueError("guidance_scales must hold at least one value.")
         self.lora = check_lora(self.lora)

@@ -112,12 +112,17 @@ class VisionDistillation(nn.Module):
         return (trajectory.latents.float() + dt * teacher_pred.float()).to(teacher_pred.dtype)
 
     @torch.no_grad()
+    def follow(self, trajectory: Trajectory, embeds: torch.Tensor, steps: int | None = None) -> None:
+        """Advance `trajectory` through its first `steps` timesteps (default: all) with the predictions `embeds` make:
+        FluxPipeline's sampling loop, so the final latents are the image these embeddings give."""
+        for step_index in range(len(self.timesteps) if steps is None else steps):
+            pred = self.predict(trajectory, embeds, step_index)
+            trajectory.latents = self.advance(trajectory, pred, step_index)
+
     def follow_teacher(self, trajectory: Trajectory, steps: int) -> None:
         """Advance `trajectory` through its first `steps` timesteps with the teacher's predictions (to resume a
         trajectory in its middle: the teacher's path does not depend on the student)."""
-        for step_index in range(steps):
-            teacher_pred = self.predict(trajectory, trajectory.teacher_embeds, step_index)
-            trajectory.latents = self.advance(trajectory, teacher_pred, step_index)
+        self.follow(trajectory, trajectory.teacher_embeds, steps)
 
     @torch.no_grad()
     def trajectory_errors(self, trajectory: Trajectory, student_embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:

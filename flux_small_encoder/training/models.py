@@ -20,7 +20,8 @@ from .config import TrainingConfig
 
 @dataclass
 class FrozenParts:
-    """The pipeline parts that stay frozen: the transformer, its scheduler, CLIP and both tokenizers."""
+    """The pipeline parts that stay frozen: the transformer, its scheduler, CLIP, both tokenizers and, to turn latents
+    into images (validation, evaluation), the VAE if it was loaded."""
 
     transformer: nn.Module
     scheduler: Any
@@ -28,6 +29,7 @@ class FrozenParts:
     tokenizer: Any
     tokenizer_2: Any
     vae_scale_factor: int
+    vae: nn.Module | None = None
 
     @property
     def width(self) -> int:
@@ -35,8 +37,9 @@ class FrozenParts:
         return self.transformer.config.joint_attention_dim
 
     def freeze(self, device: torch.device | str, dtype: torch.dtype) -> FrozenParts:
-        """Put the transformer and CLIP in eval mode without gradients, on `device`, in `dtype`; returns self."""
-        for module in (self.transformer, self.text_encoder):
+        """Put the transformer, CLIP and the VAE in eval mode without gradients, on `device`, in `dtype`; returns
+        self."""
+        for module in (m for m in (self.transformer, self.text_encoder, self.vae) if m is not None):
             module.requires_grad_(False).eval().to(device)
             if module.dtype != dtype:  # diffusers warns on any dtype cast, even to the dtype a model already has
                 module.to(dtype)
@@ -69,8 +72,12 @@ def _pretrained_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> Froz
     from transformers import AutoTokenizer, CLIPTextModel
 
     name, kwargs = config.model, {"revision": config.revision}
-    # Only the VAE's config is needed: the latent grid is 2 ** (levels - 1) times smaller than the image.
+    # The VAE's config gives the latent grid (2 ** (levels - 1) times smaller than the image); its weights are read
+    # only when validation images are asked for.
     vae_config = AutoencoderKL.load_config(name, subfolder="vae", **kwargs)
+    vae = None
+    if config.validation_prompts:
+        vae = AutoencoderKL.from_pretrained(name, subfolder="vae", dtype=dtype, **kwargs)
     return FrozenParts(
         transformer=FluxTransformer2DModel.from_pretrained(name, subfolder="transformer", dtype=dtype, **kwargs),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(name, subfolder="scheduler", **kwargs),
@@ -78,6 +85,7 @@ def _pretrained_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> Froz
         tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kwargs),
         tokenizer_2=_pretrained_t5_tokenizer(config),
         vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+        vae=vae,
     )
 
 
@@ -126,6 +134,7 @@ def _tiny_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenPart
         tokenizer=parts["tokenizer"],
         tokenizer_2=parts["tokenizer_2"],
         vae_scale_factor=2 ** (len(parts["vae"].config.block_out_channels) - 1),
+        vae=parts["vae"],
     )
 
 

@@ -113,7 +113,8 @@ class DistillationTrainer:
             teacher = self.teacher.requires_grad_(False).eval().to(device, self.dtype)
         self.trajectories = TrajectoryMaker(cfg, self.frozen, teacher, device, self.dtype)
         if cfg.teacher_cache:  # every prompt must be cached: nothing is silently recomputed
-            teacher.check_covers(self.stream.prompts + self.eval_prompts, self.trajectories.tokenize)
+            teacher.check_covers(self.stream.prompts + self.eval_prompts + cfg.validation_prompts,
+                                 self.trajectories.tokenize)
 
         if self.student is None:
             self.student = build_student(cfg, self.frozen.width)
@@ -128,6 +129,14 @@ class DistillationTrainer:
         # Held-out teacher embeddings, computed once.
         eval_ids = self.trajectories.tokenize(self.eval_prompts) if self.eval_prompts else None
         self.eval_teacher_embeds = None if eval_ids is None else self.trajectories.teacher_embeds(eval_ids).cpu()
+        # Validation images (main process only): the teacher's are made here, once.
+        self.validator = None
+        if cfg.validation_prompts and self.accelerator.is_main_process:
+            from .validation import Validator
+
+            with self.accelerator.autocast():
+                self.validator = Validator(cfg, self.frozen, self.objective, self.trajectories.teacher_embeds,
+                                           device, self.dtype)
 
     def setup_optimizer(self) -> None:
         """AdamW over the student's trainable parameters and its schedule, prepared; restored when resuming."""
@@ -187,6 +196,8 @@ class DistillationTrainer:
 
                 if self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps:
                     metrics.update(self.evaluate())
+                if self.step % cfg.validation_steps == 0 or self.step == cfg.max_steps:
+                    metrics.update(self.validate())
                 self.log(metrics)
                 if self.step % cfg.checkpointing_steps == 0 or self.step == cfg.max_steps:
                     self.save_checkpoint()
@@ -194,7 +205,9 @@ class DistillationTrainer:
                     break
 
         progress.close()
-        return self.save_final()
+        final = self.save_final()
+        self.write_fidelity_report()
+        return final
 
     def make_trajectory(self, group: int, micro: int) -> Trajectory:
         """The micro-batch `micro` of batch `group` on this process, at the start of its trajectory."""
@@ -281,6 +294,35 @@ class DistillationTrainer:
             "eval_relative_error": totals[1].item() / count,
             "eval_embedding_error": totals[2].item() / count,
         }
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Teacher and student images of the validation prompts (`validation.py`): a grid in
+        `output_dir/validation/` and on TensorBoard; returns their mean `validation_psnr` and `validation_ssim`."""
+        if self.validator is None:
+            return {}
+        student = self.accelerator.unwrap_model(self.student)
+        student.eval()
+        with self.accelerator.autocast(), attention_kernels(self.config.attention_backend):
+            numbers, grid = self.validator(student, self.step, self.output_dir)
+        student.train()
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"validation": grid[None]}, step=self.step, dataformats="NHWC")
+        return numbers
+
+    @torch.no_grad()
+    def write_fidelity_report(self) -> None:
+        """With validation on, the student's fidelity report on the held-out prompts, in `output_dir/fidelity/`."""
+        if self.validator is None or not self.eval_prompts:
+            return
+        from .validation import write_fidelity_report
+
+        student = self.accelerator.unwrap_model(self.student).eval()
+        with self.accelerator.autocast(), attention_kernels(self.config.attention_backend):
+            write_fidelity_report(self.config, self.frozen, self.objective, self.trajectories.teacher_embeds, student,
+                                  self.eval_prompts, self.accelerator.device, self.dtype, self.output_dir)
+        student.train()
 
     def log(self, metrics: dict) -> None:
         """Append one line to `metrics.jsonl` and send the numbers to the trackers (TensorBoard)."""

@@ -1,0 +1,107 @@
+"""The metrics of a candidate encoder against the teacher, per image and per prompt.
+
+Pixels are compared with torchmetrics (PSNR, SSIM) on `[0, 1]` images; embeddings with the cosine and the mean squared
+error of the whole `(tokens, width)` embedding (padding included: the transformer reads it, there is no mask);
+prompt adherence with a local CLIP model. Which way each metric is better is in `HIGHER_IS_BETTER`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ..training.distill import per_sample_mse
+
+# PSNR of identical images is infinite: it is reported capped here, so that results.json stays plain JSON. Two 8-bit
+# images differing in more than a handful of values read below it.
+PSNR_CAP_DB = 100.0
+# Metric -> whether higher is better. The summaries' "worst" is the minimum or the maximum accordingly. Records also
+# carry the teacher's own `teacher_ocr_accuracy` and `teacher_clip_score`, summarised as the reference's.
+HIGHER_IS_BETTER = {
+    "psnr": True,
+    "ssim": True,
+    "embedding_cosine": True,
+    "embedding_mse": False,
+    "trajectory_error": False,
+    "trajectory_relative_error": False,
+    "ocr_accuracy": True,
+    "clip_score": True,
+}
+# The metric that orders prompts from worst to best in summaries and reports.
+RANKING_METRIC = "ssim"
+# Shown in reports, in this order, when present.
+METRIC_LABELS = {
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "embedding_cosine": "embedding cosine",
+    "embedding_mse": "embedding MSE",
+    "trajectory_error": "trajectory error",
+    "trajectory_relative_error": "relative trajectory error",
+    "ocr_accuracy": "OCR char. accuracy",
+    "clip_score": "CLIP score",
+}
+
+
+def image_metrics(images: torch.Tensor, references: torch.Tensor) -> dict[str, list[float]]:
+    """PSNR (dB, capped at `PSNR_CAP_DB`) and SSIM of each image against its reference.
+
+    Args:
+        images: `(batch, 3, height, width)` images in `[0, 1]`.
+        references: The teacher's images, the same shape.
+    """
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    # float32, channels-last: SSIM's Gaussian window is a depthwise convolution, about 50x faster so on a CPU than in
+    # float64 and 4x faster than channels-first (0.18 s for a 1024 px pair on one thread, benchmarks/compare.py).
+    images, references = (x.float().contiguous(memory_format=torch.channels_last) for x in (images, references))
+    psnr = peak_signal_noise_ratio(images.double(), references.double(), data_range=1.0, reduction="none",
+                                   dim=(1, 2, 3))
+    ssim = structural_similarity_index_measure(images, references, data_range=1.0, reduction="none")
+    return {"psnr": psnr.clamp(max=PSNR_CAP_DB).tolist(), "ssim": ssim.tolist()}
+
+
+def embedding_metrics(embeds: torch.Tensor, teacher_embeds: torch.Tensor) -> dict[str, list[float]]:
+    """Cosine similarity and mean squared error of each prompt's embedding against the teacher's.
+
+    Args:
+        embeds: `(batch, tokens, width)` embeddings of a candidate.
+        teacher_embeds: The teacher's, the same shape.
+    """
+    cosine = F.cosine_similarity(embeds.double().flatten(1), teacher_embeds.double().flatten(1), dim=1)
+    mse = per_sample_mse(embeds, teacher_embeds)
+    return {"embedding_cosine": cosine.clamp(-1, 1).tolist(), "embedding_mse": mse.tolist()}
+
+
+class ClipScorer:
+    """CLIP score, `100 * max(cos(image, text), 0)` (as torchmetrics' `CLIPScore` defines it), with a local model.
+
+    torchmetrics' `CLIPScore` loads only a few Hub names and, under transformers 5, fails on the model's outputs: the
+    transformers `CLIPModel` is called directly instead.
+
+    Args:
+        path: A folder holding a transformers `CLIPModel` and its processor (`save_pretrained` of both).
+        device: Where the model runs.
+    """
+
+    def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu"):
+        from transformers import AutoProcessor, CLIPModel
+
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"--clip {path}: no such folder; give a folder saved by CLIPModel.save_pretrained "
+                                    "and its processor's save_pretrained.")
+        self.model = CLIPModel.from_pretrained(path).eval().to(device)
+        self.processor = AutoProcessor.from_pretrained(path)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> list[float]:
+        """The score of each `[0, 1]` image `(batch, 3, height, width)` against its prompt."""
+        inputs = self.processor(
+            text=prompts, images=list(images.float().cpu()), return_tensors="pt", padding=True, truncation=True,
+            do_rescale=False,
+        ).to(self.device)
+        outputs = self.model(**inputs)
+        cosine = F.cosine_similarity(outputs.image_embeds.double(), outputs.text_embeds.double(), dim=-1)
+        return (100 * cosine.clamp(min=0)).tolist()
