@@ -1,14 +1,28 @@
-"""A run's checkpoints: what one holds, writing its files, keeping the newest ones, and resuming from one.
+"""A run's checkpoints: what one holds, writing its files, keeping the newest ones, and which one a run resumes from.
 
     output_dir/checkpoint-STEP/
       student/             the student's save_pretrained folder, with its training_config.yaml
       adapter/             with LoRA: the peft adapter folder (student/ then holds the adapters merged in)
-      state/               accelerate's save_state: student, optimizer, lr schedule, RNG states of every process
+      state/               student, optimizer and random generator states, without pickle (see state.py)
       config.yaml          the run's resolved configuration
-      trainer_state.json   the step
+      trainer_state.json   the step, and the run's resumes so far (from which checkpoint, what changed)
 
 The trainer writes each checkpoint into a staging folder that `atomic_folder` renames when complete; the barriers
 between processes are the trainer's.
+
+What a resumed run may change, field by field (`resume_changes`):
+
+- refused (`REFUSED_ON_RESUME`): `model`, `student`, `student_init`, `lora`. The checkpoint's student and optimizer
+  state belong to them; to continue its weights under other ones, start a new run from its `student/` folder with
+  `student_init=distilled`.
+- applied (`APPLIED_ON_RESUME`): the optimizer's and the schedule's hyper-parameters, `max_steps`, `max_grad_norm`.
+  The resumed run uses the new values from its first step on and says so in one line.
+- warned (`DIVERGING_ON_RESUME`): what decides the prompts, noise, guidance and loss of each step. The run continues,
+  but not as the interrupted one would have.
+- anything else (outputs, evaluation, logging, checkpointing) changes freely.
+
+`config.yaml` holds the values a run used from its last start on; each checkpoint's `trainer_state.json` lists the
+resumes before it with the values they changed.
 """
 
 from __future__ import annotations
@@ -16,37 +30,50 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from torch import nn
 
-from ..atomic import remove, write_text_atomically
-from .config import STUDENT_CONFIG_NAME, TrainingConfig
+from ..atomic import remove
+from .config import CONFIG_NAME, STUDENT_CONFIG_NAME, TrainingConfig
+from .run_folder import CHECKPOINT_PREFIX, STATE_NAME, list_checkpoints
+from .state import refuse_pickles
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_NAME = "trainer_state.json"
-METRICS_NAME = "metrics.jsonl"
-# Fields that decide the prompts, noise, guidance and loss of each step.
-RESUME_FIELDS = (
-    "seed", "train_data", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps", "resolution",
-    "guidance_scales", "max_sequence_length", "objective", "zero_pooled_embeds", "model", "student", "lora",
+REFUSED_ON_RESUME = ("model", "student", "student_init", "lora")
+APPLIED_ON_RESUME = (
+    "learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "lr_scheduler", "lr_warmup_steps",
+    "max_steps", "max_grad_norm",
 )
+DIVERGING_ON_RESUME = (
+    "seed", "train_data", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps", "resolution",
+    "guidance_scales", "max_sequence_length", "objective", "zero_pooled_embeds", "projector_dropout", "teacher",
+    "revision", "mixed_precision",
+)
+
+
+@dataclass
+class Resume:
+    """The checkpoint a run resumes from, and why that one.
+
+    Args:
+        path: The checkpoint folder.
+        step: Its step.
+        reason: Why it was picked, for the line the run prints.
+        history: The resumes recorded in its `trainer_state.json`.
+    """
+
+    path: Path
+    step: int
+    reason: str
+    history: list[dict] = field(default_factory=list)
 
 
 def checkpoint_folder(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """The complete checkpoints in `output_dir`, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_NAME).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
 def save_student(student: nn.Module, folder: Path, config: TrainingConfig, adapter_folder: Path) -> None:
@@ -62,11 +89,13 @@ def save_student(student: nn.Module, folder: Path, config: TrainingConfig, adapt
     config.save(folder, STUDENT_CONFIG_NAME)
 
 
-def write_checkpoint_files(folder: Path, student: nn.Module, config: TrainingConfig, step: int) -> None:
-    """Everything of a checkpoint except accelerate's `state/`, which every process writes itself."""
+def write_checkpoint_files(
+    folder: Path, student: nn.Module, config: TrainingConfig, step: int, history: list[dict]
+) -> None:
+    """Everything of a checkpoint except `state/`, which every process writes its part of."""
     save_student(student, folder / "student", config, adapter_folder=folder / "adapter")
     config.save(folder)
-    (folder / STATE_NAME).write_text(json.dumps({"step": step}))
+    (folder / STATE_NAME).write_text(json.dumps({"step": step, "resumes": history}, indent=2))
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -76,12 +105,13 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
             remove(old)
 
 
-def find_resume_checkpoint(config: TrainingConfig) -> Path | None:
+def find_resume_checkpoint(config: TrainingConfig) -> Resume | None:
     """The checkpoint `config.resume_from_checkpoint` names (`latest`: the newest in `output_dir`), or `None`.
 
     Raises:
         FileExistsError: `output_dir` holds checkpoints but the run does not resume (nothing is overwritten).
         FileNotFoundError: There is no such checkpoint.
+        ValueError: The checkpoint carries a pickle (see `state.refuse_pickles`).
     """
     output_dir, choice = Path(config.output_dir), config.resume_from_checkpoint
     if choice is None:
@@ -91,37 +121,46 @@ def find_resume_checkpoint(config: TrainingConfig) -> Path | None:
                 "or give a new output_dir (nothing was overwritten)."
             )
         return None
-    path = Path(choice)
     if choice == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"resume_from_checkpoint=latest: no checkpoint in {output_dir}.")
-        path = found[-1]
+        path, reason = found[-1], "the newest checkpoint in output_dir (resume_from_checkpoint=latest)"
+    else:
+        path, reason = Path(choice), "named by resume_from_checkpoint"
     if not (path / STATE_NAME).is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint of this trainer (no {STATE_NAME}).")
-    return path
+    refuse_pickles(path)
+    state = json.loads((path / STATE_NAME).read_text())
+    return Resume(path, state["step"], reason, state.get("resumes", []))
 
 
-def load_checkpoint(accelerator, path: Path, config: TrainingConfig) -> int:
-    """Restore accelerate's state (student, optimizer, schedule, RNG) from a checkpoint; returns its step.
+def resume_changes(resume: Resume, config: TrainingConfig) -> dict[str, list]:
+    """Check what `config` changes against the checkpoint's run; returns the applied changes, `{field: [old, new]}`.
 
-    Warns when the checkpoint's run differs in a field that decides the prompts, noise or loss of a step: the run
-    continues, but not as the interrupted one would have.
+    Raises:
+        ValueError: A refused field changed, or `max_steps` is below the checkpoint's step (nothing was changed).
     """
-    accelerator.load_state(str(path / "state"))
-    saved_config = path / "config.yaml"
-    if saved_config.is_file():
-        saved, current = yaml.safe_load(saved_config.read_text()), config.to_dict()
-        changed = sorted(key for key in RESUME_FIELDS if key in saved and saved[key] != current[key])
-        if changed:
-            logger.warning(f"resuming {path} with other values of {changed}: the run continues, but not as the "
-                           "interrupted one would have.")
-    return json.loads((path / STATE_NAME).read_text())["step"]
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines after `step` that an interrupted run logged past its last checkpoint (the resumed run logs
-    those steps again)."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        write_text_atomically(path, "".join(line + "\n" for line in kept))
+    if config.max_steps < resume.step:
+        raise ValueError(
+            f"{resume.path} is at step {resume.step}, past max_steps={config.max_steps}: raise max_steps to continue "
+            "it, or resume from an earlier checkpoint (nothing was changed)."
+        )
+    saved_path = resume.path / CONFIG_NAME
+    if not saved_path.is_file():
+        return {}
+    saved, current = yaml.safe_load(saved_path.read_text()), config.to_dict()
+    changed = {key: [saved[key], current[key]] for key in current if key in saved and saved[key] != current[key]}
+    refused = [key for key in REFUSED_ON_RESUME if key in changed]
+    if refused:
+        key = refused[0]
+        raise ValueError(
+            f"{resume.path} was trained with {key}={changed[key][0]!r}, this run has {key}={changed[key][1]!r}: a run "
+            f"resumes only with the same {', '.join(REFUSED_ON_RESUME)}. To continue its weights with other ones, "
+            f"start a new run with student_init=distilled student={resume.path / 'student'} (nothing was changed)."
+        )
+    diverging = sorted(key for key in DIVERGING_ON_RESUME if key in changed)
+    if diverging:
+        logger.warning(f"resuming {resume.path} with other values of {diverging}: the run continues, but not as the "
+                       "interrupted one would have.")
+    return {key: changed[key] for key in APPLIED_ON_RESUME if key in changed}
