@@ -7,8 +7,8 @@
       config.yaml          the run's resolved configuration
       trainer_state.json   the step, and the run's resumes so far (from which checkpoint, what changed)
 
-The trainer writes each checkpoint into a staging folder that `atomic_folder` renames when complete; the barriers
-between processes are the trainer's.
+`write_checkpoint` has the main process stage each checkpoint in a folder that `atomic_folder` renames when complete;
+every process adds its own generator states to it first.
 
 What a resumed run may change, field by field (`resume_changes`):
 
@@ -30,16 +30,17 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from torch import nn
 
-from ..atomic import remove
+from ..atomic import atomic_folder, remove
 from .config import CONFIG_NAME, STUDENT_CONFIG_NAME, TrainingConfig
-from .run_folder import CHECKPOINT_PREFIX, STATE_NAME, list_checkpoints
-from .state import refuse_pickles
+from .run_folder import CHECKPOINT_PREFIX, STATE_NAME, list_checkpoints, start_run_folder
+from .state import apply_optimizer_config, load_training_state, refuse_pickles, save_rng_state, save_training_state
 
 logger = logging.getLogger(__name__)
 
@@ -89,13 +90,33 @@ def save_student(student: nn.Module, folder: Path, config: TrainingConfig, adapt
     config.save(folder, STUDENT_CONFIG_NAME)
 
 
-def write_checkpoint_files(
-    folder: Path, student: nn.Module, config: TrainingConfig, step: int, history: list[dict]
+def write_checkpoint(
+    accelerator, folder: Path, student: nn.Module, optimizer, config: TrainingConfig, step: int, history: list[dict]
 ) -> None:
-    """Everything of a checkpoint except `state/`, which every process writes its part of."""
-    save_student(student, folder / "student", config, adapter_folder=folder / "adapter")
-    config.save(folder)
-    (folder / STATE_NAME).write_text(json.dumps({"step": step, "resumes": history}, indent=2))
+    """Write the checkpoint `folder` atomically, every process's generator states included (a collective call).
+
+    Args:
+        accelerator: The run's `Accelerator`.
+        folder: `output_dir/checkpoint-STEP`; one of the same step is replaced once the new one is complete.
+        student: The prepared student.
+        optimizer: The prepared optimizer.
+        config: The run's configuration.
+        step: The step.
+        history: The run's resumes so far (see `restore`).
+    """
+    from accelerate.utils import broadcast_object_list
+
+    main = accelerator.is_main_process
+    with atomic_folder(folder, replace=True) if main else nullcontext() as staging:
+        staging = broadcast_object_list([staging])[0]
+        save_rng_state(staging / "state", accelerator.process_index)
+        if main:
+            student = accelerator.unwrap_model(student)
+            save_training_state(staging / "state", student, optimizer)
+            save_student(student, staging / "student", config, adapter_folder=staging / "adapter")
+            config.save(staging)
+            (staging / STATE_NAME).write_text(json.dumps({"step": step, "resumes": history}, indent=2))
+        accelerator.wait_for_everyone()
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -164,3 +185,32 @@ def resume_changes(resume: Resume, config: TrainingConfig) -> dict[str, list]:
         logger.warning(f"resuming {resume.path} with other values of {diverging}: the run continues, but not as the "
                        "interrupted one would have.")
     return {key: changed[key] for key in APPLIED_ON_RESUME if key in changed}
+
+
+def restore(accelerator, resume: Resume, student: nn.Module, optimizer, config: TrainingConfig,
+            changes: dict[str, list]) -> list[dict]:
+    """Restore a checkpoint into the prepared student and optimizer (whose hyper-parameters then follow `config`),
+    set aside what it abandons (main process), and print which checkpoint it was, why, and what changed.
+
+    Returns:
+        The run's resumes so far, this one last, for the checkpoints it writes.
+    """
+    load_training_state(resume.path / "state", accelerator.unwrap_model(student), optimizer, accelerator.process_index)
+    apply_optimizer_config(optimizer, config)
+    aside = start_run_folder(Path(config.output_dir), resume.step) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    accelerator.print(_resume_message(resume, changes, aside, config.max_steps))
+    return [*resume.history, {"from": str(resume.path), "step": resume.step, "changed": changes}]
+
+
+def _resume_message(resume: Resume, changes: dict[str, list], aside: Path | None, max_steps: int) -> str:
+    """The one line a resumed run prints: which checkpoint and why, what it set aside, what it changed."""
+    line = f"resuming from {resume.path} at step {resume.step} ({resume.reason})"
+    if aside is not None:
+        line += f"; the later checkpoints it abandons are kept in {aside}"
+    if changes:
+        changed = ", ".join(f"{key}={new!r} (was {old!r})" for key, (old, new) in changes.items())
+        line += f"; applied from step {resume.step + 1} on: {changed}"
+    if resume.step == max_steps:
+        line += "; it is at max_steps already: only final/ is written"
+    return line

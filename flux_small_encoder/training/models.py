@@ -205,8 +205,10 @@ def check_cached(config: TrainingConfig, *, frozen_parts: bool, teacher: bool, s
         return
     wanted: dict[tuple[str, str | None], dict[str, str]] = {}
     if frozen_parts or teacher:  # the T5 tokenizer always comes from the pipeline
-        files = FROZEN_PART_FILES if frozen_parts else {"tokenizer_2/*": FROZEN_PART_FILES["tokenizer_2/*"]}
-        wanted[config.model, config.revision] = dict(files)
+        files = dict(FROZEN_PART_FILES) if frozen_parts else {"tokenizer_2/*": FROZEN_PART_FILES["tokenizer_2/*"]}
+        if frozen_parts and config.validation_prompts:  # validation images need the VAE's weights too
+            files = {("vae/*" if key == "vae/config.json" else key): probe for key, probe in files.items()}
+        wanted[config.model, config.revision] = files
     if teacher and config.teacher:
         wanted[config.teacher, None] = {"": "config.json"}
     elif teacher:

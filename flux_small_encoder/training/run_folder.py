@@ -18,9 +18,11 @@ import logging
 import os
 import re
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from ..atomic import leftovers, remove, write_text_atomically
+from ..atomic import is_disk_full, leftovers, remove, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +136,26 @@ def list_checkpoints(folder: Path) -> list[Path]:
 
 def checkpoint_step(path: Path) -> int:
     return int(_CHECKPOINT_NAME.match(path.name)[1])
+
+
+def last_good_checkpoint(folder: Path) -> str:
+    """`"the last good checkpoint is ..."`, for the messages of a run that stops."""
+    checkpoints = list_checkpoints(folder)
+    return f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
+
+
+@contextmanager
+def writing_into(folder: Path, what: str) -> Iterator[None]:
+    """Turn a full disk while writing `what` into the run folder into one line naming the last good checkpoint."""
+    try:
+        yield
+    except Exception as error:
+        if not is_disk_full(error):
+            raise
+        raise DiskFullError(
+            f"the disk of {folder} is full: {what} could not be written (nothing of it was kept) and "
+            f"{last_good_checkpoint(folder)}. Free some space, then resume with resume_from_checkpoint=latest."
+        ) from error
 
 
 def hold_run_folder(accelerator, folder: Path) -> RunLock:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from ..atomic import atomic_folder, is_disk_full
+from ..atomic import atomic_folder
 from ..torch_utils import precision_dtype
 from .accelerator import init_trackers, make_accelerator
 from .attention import attention_kernels, describe_attention
@@ -25,27 +23,26 @@ from .cache import TeacherCache
 from .checkpointing import (
     checkpoint_folder,
     find_resume_checkpoint,
-    list_checkpoints,
     prune_checkpoints,
+    restore,
     resume_changes,
     save_student,
-    write_checkpoint_files,
+    write_checkpoint,
 )
 from .config import TrainingConfig
 from .data import PromptStream, load_prompts
 from .distill import OBJECTIVES, Trajectory, flux_schedule, per_sample_mse
 from .fingerprint import teacher_identity
-from .models import (
-    FrozenParts,
-    add_lora,
-    build_student,
-    check_cached,
-    load_frozen_parts,
-    load_teacher,
-    source_threads,
+from .models import FrozenParts, add_lora, build_student, check_cached, load_frozen_parts, load_teacher, source_threads
+from .run_folder import (
+    METRICS_NAME,
+    append_metrics,
+    hold_run_folder,
+    last_good_checkpoint,
+    start_run_folder,
+    writing_into,
 )
-from .run_folder import METRICS_NAME, DiskFullError, append_metrics, hold_run_folder, start_run_folder
-from .state import apply_optimizer_config, build_lr_scheduler, load_training_state, save_rng_state, save_training_state
+from .state import build_lr_scheduler
 
 
 class TrainingDivergedError(RuntimeError):
@@ -170,33 +167,13 @@ class DistillationTrainer:
             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
         )
         self.student, self.optimizer = self.accelerator.prepare(self.student, optimizer)
-        if self.resume is not None:
-            self.resume_state()
+        if self.resume is not None:  # restored; what it abandons is set aside, and it says so in one line
+            self.step = self.resume.step
+            self.history = restore(self.accelerator, self.resume, self.student, self.optimizer, cfg, self.changes)
         elif self.accelerator.is_main_process:
             start_run_folder(self.output_dir, None)
         # The schedule steps once per optimizer step; a resumed run rebuilds it at its step, from its config.
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg, self.step)
-
-    def resume_state(self) -> None:
-        """Restore the checkpoint's state, set aside what it abandons, and say which one and why in one line."""
-        resume = self.resume
-        load_training_state(resume.path / "state", self.accelerator.unwrap_model(self.student), self.optimizer,
-                            self.accelerator.process_index)
-        apply_optimizer_config(self.optimizer, self.config)  # the optimizer follows this run's config
-        self.step = resume.step
-        self.history = [*resume.history, {"from": str(resume.path), "step": resume.step, "changed": self.changes}]
-        line = f"resuming from {resume.path} at step {resume.step} ({resume.reason})"
-        if self.accelerator.is_main_process:
-            aside = start_run_folder(self.output_dir, resume.step)
-            if aside is not None:
-                line += f"; the later checkpoints it abandons are kept in {aside}"
-        if self.changes:
-            changed = ", ".join(f"{key}={new!r} (was {old!r})" for key, (old, new) in self.changes.items())
-            line += f"; applied from step {resume.step + 1} on: {changed}"
-        if resume.step == self.config.max_steps:
-            line += "; it is at max_steps already: only final/ is written"
-        self.accelerator.wait_for_everyone()
-        self.accelerator.print(line)
 
     # --- train ------------------------------------------------------------------------------------------------------
 
@@ -271,7 +248,7 @@ class DistillationTrainer:
             self.optimizer.zero_grad()
             raise TrainingDivergedError(
                 f"the loss is {loss} at step {self.step + 1}; training stopped before applying that update and "
-                f"{self.last_good_checkpoint()}. Lower learning_rate (now {self.config.learning_rate}), use "
+                f"{last_good_checkpoint(self.output_dir)}. Lower learning_rate (now {self.config.learning_rate}), use "
                 "lr_warmup_steps, or check the teacher embeddings."
             )
         lr = self.lr_scheduler.get_last_lr()[0]
@@ -362,7 +339,7 @@ class DistillationTrainer:
     def log(self, metrics: dict) -> None:
         """Append one line to `metrics.jsonl` and send the numbers to the trackers (TensorBoard)."""
         if self.accelerator.is_main_process:
-            with self.writing(f"{METRICS_NAME} at step {metrics['step']}"):
+            with writing_into(self.output_dir, f"{METRICS_NAME} at step {metrics['step']}"):
                 append_metrics(self.output_dir / METRICS_NAME, metrics)
         numbers = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
         self.accelerator.log(numbers, step=metrics["step"])
@@ -374,20 +351,11 @@ class DistillationTrainer:
 
         A checkpoint of the same step left by an abandoned run is moved aside when the new one is complete.
         """
-        from accelerate.utils import broadcast_object_list
-
         folder = checkpoint_folder(self.output_dir, self.step)
-        main = self.accelerator.is_main_process
-        with self.writing(folder.name), atomic_folder(folder, replace=True) if main else nullcontext() as staging:
-            # Every process writes its generator states into the main process's staging folder.
-            staging = broadcast_object_list([staging])[0]
-            save_rng_state(staging / "state", self.accelerator.process_index)
-            if main:
-                student = self.accelerator.unwrap_model(self.student)
-                save_training_state(staging / "state", student, self.optimizer)
-                write_checkpoint_files(staging, student, self.config, self.step, self.history)
-            self.accelerator.wait_for_everyone()
-        if main:
+        with writing_into(self.output_dir, folder.name):
+            write_checkpoint(self.accelerator, folder, self.student, self.optimizer, self.config, self.step,
+                             self.history)
+        if self.accelerator.is_main_process:
             prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return folder
@@ -396,7 +364,7 @@ class DistillationTrainer:
         """Write `output_dir/final`: the student's `save_pretrained` folder (plus `adapter/` with LoRA)."""
         final = self.output_dir / "final"
         if self.accelerator.is_main_process:
-            with self.writing("final/"), atomic_folder(final, replace=True) as staging:
+            with writing_into(self.output_dir, "final/"), atomic_folder(final, replace=True) as staging:
                 student = self.accelerator.unwrap_model(self.student)
                 save_student(student, staging, self.config, adapter_folder=staging / "adapter")
         self.accelerator.wait_for_everyone()
@@ -416,23 +384,6 @@ class DistillationTrainer:
         self.lock.release()
 
     # --- helpers ----------------------------------------------------------------------------------------------------
-
-    @contextmanager
-    def writing(self, what: str) -> Iterator[None]:
-        """Turn a full disk while writing `what` into one line that names the last good checkpoint."""
-        try:
-            yield
-        except Exception as error:
-            if not is_disk_full(error):
-                raise
-            raise DiskFullError(
-                f"the disk of {self.output_dir} is full: {what} could not be written (nothing of it was kept) and "
-                f"{self.last_good_checkpoint()}. Free some space, then resume with resume_from_checkpoint=latest."
-            ) from error
-
-    def last_good_checkpoint(self) -> str:
-        checkpoints = list_checkpoints(self.output_dir)
-        return f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
 
     @property
     def _global_batch(self) -> int:
