@@ -141,7 +141,8 @@ def test_latest_after_an_explicit_resume_continues_the_new_branch(tmp_path, caps
     trainer.setup()
     try:
         assert trainer.step == 6
-        assert f"resuming from {out / 'checkpoint-6'} at step 6 (the newest checkpoint" in capsys.readouterr().out
+        line = f"resuming from {out / 'checkpoint-6'} at step 6 (resume_from_checkpoint=latest: the newest in output"
+        assert line in capsys.readouterr().out
     finally:
         trainer.cleanup()
     # The abandoned branch is kept, under names `latest` never picks.

@@ -101,7 +101,7 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path,
     # Steps 3 and 4 again from checkpoint-2, on other prompts: the first checkpoint-4 is kept aside, not refused.
     capsys.readouterr()
     train(load_config("tiny", [*args, f"resume_from_checkpoint={out / 'checkpoint-2'}", "seed=5"]))
-    assert (f"resuming from {out / 'checkpoint-2'} at step 2 (named by resume_from_checkpoint); the later "
+    assert (f"resuming from {out / 'checkpoint-2'} at step 2 (resume_from_checkpoint names it); the later "
             f"checkpoints it abandons are kept in {out / 'abandoned-1'}") in capsys.readouterr().out
     second = weights(out / "checkpoint-4" / "student")
     assert any(not torch.equal(first[key], second[key]) for key in first)

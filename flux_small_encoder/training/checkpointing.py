@@ -146,9 +146,9 @@ def find_resume_checkpoint(config: TrainingConfig) -> Resume | None:
         found = list_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"resume_from_checkpoint=latest: no checkpoint in {output_dir}.")
-        path, reason = found[-1], "the newest checkpoint in output_dir (resume_from_checkpoint=latest)"
+        path, reason = found[-1], "resume_from_checkpoint=latest: the newest in output_dir"
     else:
-        path, reason = Path(choice), "named by resume_from_checkpoint"
+        path, reason = Path(choice), "resume_from_checkpoint names it"
     if not (path / STATE_NAME).is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint of this trainer (no {STATE_NAME}).")
     refuse_pickles(path)

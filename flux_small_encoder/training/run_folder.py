@@ -21,6 +21,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 from ..atomic import is_disk_full, leftovers, remove, write_text_atomically
 
@@ -47,9 +48,9 @@ class RunLock:
 
     It is an `fcntl.flock` on `output_dir/.lock`, which the kernel releases when the holder exits however it dies:
     a killed run never blocks the next one, and no timeout or pid guessing is involved. The file's content only names
-    the holder, for the message a second run prints. (filelock, which huggingface_hub uses, would lock the same way
-    but opens the file truncated, wiping the holder's name for whoever asks next.) On platforms without `fcntl` the
-    folder is not locked.
+    the holder, for the message a second run prints. (filelock, which huggingface_hub uses, takes the same flock but
+    keeps its descriptor private, and its 3.x versions open the file truncated: the holder's name would need a second
+    file.) On platforms without `fcntl` the folder is not locked.
 
     Args:
         folder: The run folder (created if missing).
@@ -58,7 +59,7 @@ class RunLock:
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
-        self._descriptor: int | None = None
+        self._file: BinaryIO | None = None  # a file object: a trainer dropped without cleanup() lets go when collected
         self._created = False
 
     def acquire(self) -> RunLock:
@@ -72,49 +73,43 @@ class RunLock:
         while True:
             self.folder.mkdir(parents=True, exist_ok=True)
             try:
-                descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+                file = open(self.path, "a+b")  # created if missing, never truncated: its content names the holder
             except FileNotFoundError:  # the folder was just removed by a holder that created it and let it go
                 continue
             try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                holder = _read_holder(descriptor)
-                os.close(descriptor)
+                holder = _read_holder(file.fileno())
+                file.close()
                 raise RunFolderInUseError(
                     f"{self.folder} is in use by another run ({holder}): wait for it to end, or give another "
                     "output_dir (nothing was written)."
                 ) from None
-            # The holder before us deletes the file as it releases it: if that happened between our open and our
-            # lock, we hold a deleted file, so open the path again.
+            # The holder before us deletes the file as it lets go: if that happened between our open and our lock,
+            # we hold a deleted file, so open the path again.
             try:
-                if os.stat(self.path).st_ino == os.fstat(descriptor).st_ino:
+                if os.stat(self.path).st_ino == os.fstat(file.fileno()).st_ino:
                     break
             except FileNotFoundError:
                 pass
-            os.close(descriptor)
+            file.close()
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": datetime.datetime.now().isoformat(timespec="seconds")}
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, json.dumps(holder).encode())
-        self._descriptor = descriptor
+        file.truncate(0)
+        file.write(json.dumps(holder).encode())
+        file.flush()
+        self._file = file
         return self
 
     def release(self) -> None:
         """Let the folder go (nothing if not held); a folder the lock created and nothing else used is removed."""
-        if self._descriptor is None:
+        if self._file is None:
             return
-        import fcntl
-
         self.path.unlink(missing_ok=True)  # first: whoever opens the path next gets a new file
-        fcntl.flock(self._descriptor, fcntl.LOCK_UN)
-        os.close(self._descriptor)
-        self._descriptor = None
+        self._file.close()  # closing the last descriptor releases the flock
+        self._file = None
         if self._created and not any(self.folder.iterdir()):
             self.folder.rmdir()
-
-    @property
-    def held(self) -> bool:
-        return self._descriptor is not None
 
 
 def _read_holder(descriptor: int) -> str:
