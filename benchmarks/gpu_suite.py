@@ -238,7 +238,8 @@ def run_train(profile: Profile, scenario: dict, plan: dict | None) -> dict:
     from flux_small_encoder.tiny import tiny_clip_tokenizer, tiny_t5_tokenizer
     from flux_small_encoder.training import DistillationTrainer, FrozenParts, load_config
     from flux_small_encoder.training.cache import write_teacher_cache
-    from flux_small_encoder.training.models import teacher_name, tokenize_t5
+    from flux_small_encoder.training.fingerprint import teacher_identity
+    from flux_small_encoder.training.models import tokenize_t5
 
     folder = Path(tempfile.mkdtemp(prefix="gpu-suite-train-"))
     prompts = folder / "prompts.txt"
@@ -259,7 +260,7 @@ def run_train(profile: Profile, scenario: dict, plan: dict | None) -> dict:
         write_teacher_cache(
             folder / "cache", lambda ids: torch.randn(len(ids), ids.shape[1], width),
             lambda texts: tokenize_t5(tokenizer_2, texts, profile.tokens), prompts.read_text().splitlines(),
-            teacher=teacher_name(config), max_sequence_length=profile.tokens, progress=False,
+            teacher=teacher_identity(config), max_sequence_length=profile.tokens, progress=False,
         )
         overrides.append(f"teacher_cache={folder / 'cache'}")
     else:

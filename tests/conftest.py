@@ -11,6 +11,11 @@ import os
 import tempfile
 from pathlib import Path
 
+# One thread per process, in this session and in the subprocesses it starts: on a machine shared with other busy
+# processes, more threads mostly wait for each other (docs/reliability.md has the numbers).
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ["MKL_NUM_THREADS"] = "1"
+
 _HF_HOME = tempfile.mkdtemp(prefix="fse-hf-home-")
 os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_CACHE"] = os.path.join(_HF_HOME, "hub")
@@ -25,6 +30,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from flux_small_encoder import tiny  # noqa: E402
+
+torch.set_num_threads(1)
 
 FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 PROMPT = "a cat holding a sign that says hello"

@@ -8,8 +8,11 @@ The public names load on first use: `train --help` reads the config without impo
     batch.py          prompt batches and their trajectories (tokens, teacher embeddings, noise, guidance)
     distill.py        the objectives, as `nn.Module`s returning `{"loss", ...}`
     trainer.py        the loop: setup, train, evaluate, log, save
-    checkpointing.py  checkpoint files, pruning and resume
+    checkpointing.py  checkpoint files, pruning and resume (what a resume may change)
+    state.py          the trainer's state in a checkpoint, without pickle
+    run_folder.py     output_dir: one run at a time, leftovers of killed runs, set-aside branches, metrics.jsonl
     cache.py          precomputed teacher embeddings
+    fingerprint.py    the teacher's identity by content, for the cache
     launch.py         `accelerate launch` on several processes
 """
 
@@ -27,6 +30,7 @@ _PUBLIC = {
     "TrainingLaunchError": "launch", "launch_command": "launch", "launch_training": "launch",
     "BUILT_IN_SOURCES": "models", "FrozenParts": "models", "ModelSource": "models", "model_source": "models",
     "DistillationTrainer": "trainer", "TrainingDivergedError": "trainer", "train": "trainer",
+    "DiskFullError": "run_folder", "RunFolderInUseError": "run_folder",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -2,7 +2,10 @@
 
 Entries are keyed by a hash of the prompt's token ids, which fix the prompt, the tokenizer and the max length
 together: a cache made with another tokenizer or length simply has no entry for the ids a run asks for. The folder's
-`index.json` records which teacher wrote it, and a run with another teacher refuses the cache.
+`index.json` records which teacher wrote it, by content (`fingerprint.py`): a run whose teacher has other weights
+refuses the cache, whatever the teacher's path; the same teacher under another path is accepted. It also records each
+shard's size and SHA-256: the sizes are checked whenever the cache is opened (a truncated shard, mapped into memory,
+would crash the process with SIGBUS on the first read past its end), the checksums by `TeacherCache.verify`.
 
 Size: `max_sequence_length x 4096 x 2` bytes a prompt in bfloat16 (4 MiB at 512 tokens, 630 KiB at 77).
 """
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,13 +24,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..atomic import atomic_folder
+from ..atomic import atomic_folder, leftovers, remove
 from ..torch_utils import default_device, precision_dtype
 from .config import TrainingConfig
 from .data import load_sources
-from .models import load_t5_tokenizer, load_teacher, teacher_name, tokenize_t5
+from .fingerprint import TeacherIdentity, teacher_identity
+from .models import check_cached, load_t5_tokenizer, load_teacher, tokenize_t5
+
+logger = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
+FORMAT = 2  # 1: the teacher by name only, no shard sizes or checksums
 
 
 def cache_key(input_ids: torch.Tensor) -> str:
@@ -38,21 +47,65 @@ class TeacherCache:
 
     Args:
         folder: The cache folder.
-        teacher: If given, the teacher the run distils from; a cache written by another teacher is refused.
+        teacher: If given, the teacher the run distils from (`fingerprint.teacher_identity(config)`); a cache written
+            by a teacher with other weights is refused.
+
+    Raises:
+        FileNotFoundError: The folder is not a teacher cache.
+        ValueError: The cache was written by another teacher, by an earlier version, or a shard is missing or
+            truncated (one line each, naming the fix).
     """
 
-    def __init__(self, folder: str | os.PathLike, teacher: str | None = None):
+    def __init__(self, folder: str | os.PathLike, teacher: TeacherIdentity | None = None):
         self.folder = Path(folder)
         index_path = self.folder / INDEX_NAME
         if not index_path.is_file():
             raise FileNotFoundError(f"{self.folder} is not a teacher cache (no {INDEX_NAME}); write one with "
                                     "`flux-small-encoder cache-teacher`.")
-        self.index = json.loads(index_path.read_text())
-        if teacher is not None and self.index["teacher"] != teacher:
-            raise ValueError(f"the teacher cache {self.folder} was written by teacher {self.index['teacher']!r}, "
-                             f"but this run distils from {teacher!r}: write a new cache or point `teacher` at it.")
-        self._handles = [safe_open(self.folder / name, framework="pt") for name in self.index["shards"]]
+        try:
+            self.index = json.loads(index_path.read_text())
+        except ValueError:
+            raise ValueError(f"{index_path} is not JSON: the teacher cache is damaged; write it again with "
+                             "`flux-small-encoder cache-teacher`.") from None
+        if self.index.get("format") != FORMAT:
+            raise ValueError(f"the teacher cache {self.folder} was written by an earlier version, which recorded no "
+                             "teacher fingerprint or shard checksums: write it again with `flux-small-encoder "
+                             "cache-teacher`.")
+        if teacher is not None:
+            self._check_teacher(teacher)
+        for shard in self.index["shards"]:
+            _check_shard(self.folder / shard["file"], shard["size"])
+        self._handles = [safe_open(self.folder / shard["file"], framework="pt") for shard in self.index["shards"]]
         self._where = {key: handle for handle in self._handles for key in handle.keys()}
+
+    def _check_teacher(self, teacher: TeacherIdentity) -> None:
+        written_by = self.index["teacher"]
+        if teacher.fingerprint is None:  # the teacher's weights are not on this machine: only its name can be compared
+            if written_by["name"] != teacher.name:
+                raise ValueError(
+                    f"the teacher cache {self.folder} was written by teacher {written_by['name']!r}; this run's "
+                    f"teacher {teacher.name!r} is not on this machine to compare their weights: set teacher to the "
+                    "cache's, or write a new cache with `flux-small-encoder cache-teacher`."
+                )
+            logger.warning(f"the weights of {teacher.name} are not on this machine: the teacher cache {self.folder} "
+                           "is trusted by the teacher's name, not checked against its weights.")
+        elif written_by["fingerprint"] != teacher.fingerprint:
+            other = "the same name but other" if written_by["name"] == teacher.name else "other"
+            raise ValueError(
+                f"the teacher cache {self.folder} was written by teacher {written_by['name']!r}, and this run's "
+                f"teacher {teacher.name!r} has {other} weights (config and weights fingerprint differ): write a new "
+                "cache for it with `flux-small-encoder cache-teacher`."
+            )
+
+    def verify(self) -> None:
+        """Read every shard and check its SHA-256 against the index; raise `ValueError` naming the first that differs.
+
+        It reads the whole cache (gigabytes at real scale); opening the cache checks only the sizes.
+        """
+        for shard in self.index["shards"]:
+            if _sha256(self.folder / shard["file"]) != shard["sha256"]:
+                raise ValueError(f"teacher cache shard {self.folder / shard['file']} does not match its checksum: "
+                                 "the cache is damaged; write it again with `flux-small-encoder cache-teacher`.")
 
     def __len__(self) -> int:
         return len(self._where)
@@ -88,7 +141,7 @@ def write_teacher_cache(
     tokenize: Callable[[list[str]], torch.Tensor],
     prompts: list[str],
     *,
-    teacher: str,
+    teacher: TeacherIdentity,
     max_sequence_length: int,
     dtype: torch.dtype = torch.bfloat16,
     batch_size: int = 16,
@@ -98,14 +151,15 @@ def write_teacher_cache(
     """Encode every distinct prompt once with the teacher and write the embeddings into safetensors shards.
 
     The folder is written under a temporary name and renamed when complete, so an interrupted run leaves no
-    half cache; an existing folder is refused rather than overwritten.
+    half cache; an existing folder is refused rather than overwritten. What a killed earlier run left under a
+    temporary name is deleted first. Each shard's size and SHA-256 go into the index, read back from the disk.
 
     Args:
         folder: Where the cache goes (must not exist).
         encode: Token ids -> teacher embeddings (`teacher(ids, output_hidden_states=False)[0]`).
         tokenize: Prompts -> token ids, exactly as training tokenizes.
         prompts: The prompts (duplicates are encoded once).
-        teacher: The teacher's name, recorded in the index and checked by `TeacherCache`.
+        teacher: The teacher's identity, recorded in the index and checked by `TeacherCache`.
         max_sequence_length: Recorded in the index (the ids already carry it).
         dtype: Storage dtype (bfloat16 halves float32's size; float32 keeps the teacher's output exactly).
         batch_size: Prompts per teacher call.
@@ -116,14 +170,18 @@ def write_teacher_cache(
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} exists: give a new folder for the teacher cache (nothing was overwritten).")
+    for leftover in leftovers(folder.parent, folder.name, stale_only=True):
+        logger.warning(f"removing {leftover}, what a killed cache-teacher left of {folder}.")
+        remove(leftover)
     with atomic_folder(folder) as staging:
         distinct = list(dict.fromkeys(prompts))
         shards, pending, seen = [], {}, set()
 
         def flush():
-            name = f"embeddings-{len(shards):05d}.safetensors"
-            save_file(pending, staging / name, metadata={"format": "pt"})
-            shards.append(name)
+            path = staging / f"embeddings-{len(shards):05d}.safetensors"
+            save_file(pending, path, metadata={"format": "pt"})
+            _check_shard(path, _described_size(path))  # what reached the disk is what the header describes
+            shards.append({"file": path.name, "size": path.stat().st_size, "sha256": _sha256(path)})
             pending.clear()
 
         for start in tqdm(range(0, len(distinct), batch_size), desc="teacher cache", disable=not progress):
@@ -139,7 +197,8 @@ def write_teacher_cache(
         if pending:
             flush()
         index = {
-            "teacher": teacher, "max_sequence_length": max_sequence_length, "dtype": str(dtype).removeprefix("torch."),
+            "format": FORMAT, "teacher": {"name": teacher.name, "fingerprint": teacher.fingerprint},
+            "max_sequence_length": max_sequence_length, "dtype": str(dtype).removeprefix("torch."),
             "num_prompts": len(seen), "shards": shards,
         }
         (staging / INDEX_NAME).write_text(json.dumps(index, indent=2))
@@ -181,6 +240,7 @@ def cache_teacher(
     if Path(out).exists():
         raise FileExistsError(f"{out} exists: give a new folder for the teacher cache (nothing was overwritten).")
     prompts = load_sources(config.train_data + config.eval_data, seed=config.seed) + config.validation_prompts
+    check_cached(config, teacher=True, frozen_parts=False, student=False)
     model_dtype = precision_dtype(config.mixed_precision)
     device = device or default_device()
     teacher = load_teacher(config, model_dtype).to(device)
@@ -190,8 +250,39 @@ def cache_teacher(
         encode=lambda ids: teacher(ids.to(device), output_hidden_states=False)[0],
         tokenize=lambda batch: tokenize_t5(tokenizer, batch, config.max_sequence_length),
         prompts=prompts,
-        teacher=teacher_name(config),
+        teacher=teacher_identity(config),
         max_sequence_length=config.max_sequence_length,
         dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype or model_dtype,
         batch_size=batch_size,
     )
+
+
+def _check_shard(path: Path, size: int | None) -> None:
+    """Raise `ValueError` unless `path` has `size` bytes, all that its safetensors header describes."""
+    actual = path.stat().st_size if path.is_file() else None
+    if actual is None or actual != size or _described_size(path) != actual:
+        state = "missing" if actual is None else f"truncated or damaged ({actual} bytes, {size} written)"
+        raise ValueError(f"teacher cache shard {path} is {state}: write the cache again with `flux-small-encoder "
+                         "cache-teacher`.")
+
+
+def _described_size(path: Path) -> int | None:
+    """The file size a safetensors header describes (8 + header + data), or `None` if the header does not parse."""
+    try:
+        with open(path, "rb") as file:
+            (header_size,) = struct.unpack("<Q", file.read(8))
+            if header_size > path.stat().st_size:
+                return None
+            header = json.loads(file.read(header_size))
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
+        return None
+    return 8 + header_size + max(ends, default=0)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,14 +1,28 @@
-"""A run's checkpoints: what one holds, writing its files, keeping the newest ones, and resuming from one.
+"""A run's checkpoints: what one holds, writing its files, keeping the newest ones, and which one a run resumes from.
 
     output_dir/checkpoint-STEP/
       student/             the student's save_pretrained folder, with its training_config.yaml
       adapter/             with LoRA: the peft adapter folder (student/ then holds the adapters merged in)
-      state/               accelerate's save_state: student, optimizer, lr schedule, RNG states of every process
+      state/               student, optimizer and random generator states, without pickle (see state.py)
       config.yaml          the run's resolved configuration
-      trainer_state.json   the step
+      trainer_state.json   the step, and the run's resumes so far (from which checkpoint, what changed)
 
-The trainer writes each checkpoint into a staging folder that `atomic_folder` renames when complete; the barriers
-between processes are the trainer's.
+`write_checkpoint` has the main process stage each checkpoint in a folder that `atomic_folder` renames when complete;
+every process adds its own generator states to it first.
+
+What a resumed run may change, field by field (`resume_changes`):
+
+- refused (`REFUSED_ON_RESUME`): `model`, `student`, `student_init`, `lora`. The checkpoint's student and optimizer
+  state belong to them; to continue its weights under other ones, start a new run from its `student/` folder with
+  `student_init=distilled`.
+- applied (`APPLIED_ON_RESUME`): the optimizer's and the schedule's hyper-parameters, `max_steps`, `max_grad_norm`.
+  The resumed run uses the new values from its first step on and says so in one line.
+- warned (`DIVERGING_ON_RESUME`): what decides the prompts, noise, guidance and loss of each step. The run continues,
+  but not as the interrupted one would have.
+- anything else (outputs, evaluation, logging, checkpointing) changes freely.
+
+`config.yaml` holds the values a run used from its last start on; each checkpoint's `trainer_state.json` lists the
+resumes before it with the values they changed.
 """
 
 from __future__ import annotations
@@ -16,37 +30,51 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 from torch import nn
 
-from ..atomic import remove, write_text_atomically
-from .config import STUDENT_CONFIG_NAME, TrainingConfig
+from ..atomic import atomic_folder, remove
+from .config import CONFIG_NAME, STUDENT_CONFIG_NAME, TrainingConfig
+from .run_folder import CHECKPOINT_PREFIX, STATE_NAME, list_checkpoints, start_run_folder
+from .state import apply_optimizer_config, load_training_state, refuse_pickles, save_rng_state, save_training_state
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PREFIX = "checkpoint-"
-STATE_NAME = "trainer_state.json"
-METRICS_NAME = "metrics.jsonl"
-# Fields that decide the prompts, noise, guidance and loss of each step.
-RESUME_FIELDS = (
-    "seed", "train_data", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps", "resolution",
-    "guidance_scales", "max_sequence_length", "objective", "zero_pooled_embeds", "model", "student", "lora",
+REFUSED_ON_RESUME = ("model", "student", "student_init", "lora")
+APPLIED_ON_RESUME = (
+    "learning_rate", "adam_beta1", "adam_beta2", "adam_epsilon", "weight_decay", "lr_scheduler", "lr_warmup_steps",
+    "max_steps", "max_grad_norm",
 )
+DIVERGING_ON_RESUME = (
+    "seed", "train_data", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps", "resolution",
+    "guidance_scales", "max_sequence_length", "objective", "zero_pooled_embeds", "projector_dropout", "teacher",
+    "revision", "mixed_precision",
+)
+
+
+@dataclass
+class Resume:
+    """The checkpoint a run resumes from, and why that one.
+
+    Args:
+        path: The checkpoint folder.
+        step: Its step.
+        reason: Why it was picked, for the line the run prints.
+        history: The resumes recorded in its `trainer_state.json`.
+    """
+
+    path: Path
+    step: int
+    reason: str
+    history: list[dict] = field(default_factory=list)
 
 
 def checkpoint_folder(output_dir: Path, step: int) -> Path:
     return Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """The complete checkpoints in `output_dir`, oldest first."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return []
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_NAME).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(CHECKPOINT_PREFIX)))
 
 
 def save_student(student: nn.Module, folder: Path, config: TrainingConfig, adapter_folder: Path) -> None:
@@ -62,11 +90,33 @@ def save_student(student: nn.Module, folder: Path, config: TrainingConfig, adapt
     config.save(folder, STUDENT_CONFIG_NAME)
 
 
-def write_checkpoint_files(folder: Path, student: nn.Module, config: TrainingConfig, step: int) -> None:
-    """Everything of a checkpoint except accelerate's `state/`, which every process writes itself."""
-    save_student(student, folder / "student", config, adapter_folder=folder / "adapter")
-    config.save(folder)
-    (folder / STATE_NAME).write_text(json.dumps({"step": step}))
+def write_checkpoint(
+    accelerator, folder: Path, student: nn.Module, optimizer, config: TrainingConfig, step: int, history: list[dict]
+) -> None:
+    """Write the checkpoint `folder` atomically, every process's generator states included (a collective call).
+
+    Args:
+        accelerator: The run's `Accelerator`.
+        folder: `output_dir/checkpoint-STEP`; one of the same step is replaced once the new one is complete.
+        student: The prepared student.
+        optimizer: The prepared optimizer.
+        config: The run's configuration.
+        step: The step.
+        history: The run's resumes so far (see `restore`).
+    """
+    from accelerate.utils import broadcast_object_list
+
+    main = accelerator.is_main_process
+    with atomic_folder(folder, replace=True) if main else nullcontext() as staging:
+        staging = broadcast_object_list([staging])[0]
+        save_rng_state(staging / "state", accelerator.process_index)
+        if main:
+            student = accelerator.unwrap_model(student)
+            save_training_state(staging / "state", student, optimizer)
+            save_student(student, staging / "student", config, adapter_folder=staging / "adapter")
+            config.save(staging)
+            (staging / STATE_NAME).write_text(json.dumps({"step": step, "resumes": history}, indent=2))
+        accelerator.wait_for_everyone()
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -76,12 +126,13 @@ def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
             remove(old)
 
 
-def find_resume_checkpoint(config: TrainingConfig) -> Path | None:
+def find_resume_checkpoint(config: TrainingConfig) -> Resume | None:
     """The checkpoint `config.resume_from_checkpoint` names (`latest`: the newest in `output_dir`), or `None`.
 
     Raises:
         FileExistsError: `output_dir` holds checkpoints but the run does not resume (nothing is overwritten).
         FileNotFoundError: There is no such checkpoint.
+        ValueError: The checkpoint carries a pickle (see `state.refuse_pickles`).
     """
     output_dir, choice = Path(config.output_dir), config.resume_from_checkpoint
     if choice is None:
@@ -91,37 +142,75 @@ def find_resume_checkpoint(config: TrainingConfig) -> Path | None:
                 "or give a new output_dir (nothing was overwritten)."
             )
         return None
-    path = Path(choice)
     if choice == "latest":
         found = list_checkpoints(output_dir)
         if not found:
             raise FileNotFoundError(f"resume_from_checkpoint=latest: no checkpoint in {output_dir}.")
-        path = found[-1]
+        path, reason = found[-1], "resume_from_checkpoint=latest: the newest in output_dir"
+    else:
+        path, reason = Path(choice), "resume_from_checkpoint names it"
     if not (path / STATE_NAME).is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint of this trainer (no {STATE_NAME}).")
-    return path
+    refuse_pickles(path)
+    state = json.loads((path / STATE_NAME).read_text())
+    return Resume(path, state["step"], reason, state.get("resumes", []))
 
 
-def load_checkpoint(accelerator, path: Path, config: TrainingConfig) -> int:
-    """Restore accelerate's state (student, optimizer, schedule, RNG) from a checkpoint; returns its step.
+def resume_changes(resume: Resume, config: TrainingConfig) -> dict[str, list]:
+    """Check what `config` changes against the checkpoint's run; returns the applied changes, `{field: [old, new]}`.
 
-    Warns when the checkpoint's run differs in a field that decides the prompts, noise or loss of a step: the run
-    continues, but not as the interrupted one would have.
+    Raises:
+        ValueError: A refused field changed, or `max_steps` is below the checkpoint's step (nothing was changed).
     """
-    accelerator.load_state(str(path / "state"))
-    saved_config = path / "config.yaml"
-    if saved_config.is_file():
-        saved, current = yaml.safe_load(saved_config.read_text()), config.to_dict()
-        changed = sorted(key for key in RESUME_FIELDS if key in saved and saved[key] != current[key])
-        if changed:
-            logger.warning(f"resuming {path} with other values of {changed}: the run continues, but not as the "
-                           "interrupted one would have.")
-    return json.loads((path / STATE_NAME).read_text())["step"]
+    if config.max_steps < resume.step:
+        raise ValueError(
+            f"{resume.path} is at step {resume.step}, past max_steps={config.max_steps}: raise max_steps to continue "
+            "it, or resume from an earlier checkpoint (nothing was changed)."
+        )
+    saved_path = resume.path / CONFIG_NAME
+    if not saved_path.is_file():
+        return {}
+    saved, current = yaml.safe_load(saved_path.read_text()), config.to_dict()
+    changed = {key: [saved[key], current[key]] for key in current if key in saved and saved[key] != current[key]}
+    refused = [key for key in REFUSED_ON_RESUME if key in changed]
+    if refused:
+        key = refused[0]
+        raise ValueError(
+            f"{resume.path} was trained with {key}={changed[key][0]!r}, this run has {key}={changed[key][1]!r}: a run "
+            f"resumes only with the same {', '.join(REFUSED_ON_RESUME)}. To continue its weights with other ones, "
+            f"start a new run with student_init=distilled student={resume.path / 'student'} (nothing was changed)."
+        )
+    diverging = sorted(key for key in DIVERGING_ON_RESUME if key in changed)
+    if diverging:
+        logger.warning(f"resuming {resume.path} with other values of {diverging}: the run continues, but not as the "
+                       "interrupted one would have.")
+    return {key: changed[key] for key in APPLIED_ON_RESUME if key in changed}
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the lines after `step` that an interrupted run logged past its last checkpoint (the resumed run logs
-    those steps again)."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-        write_text_atomically(path, "".join(line + "\n" for line in kept))
+def restore(accelerator, resume: Resume, student: nn.Module, optimizer, config: TrainingConfig,
+            changes: dict[str, list]) -> list[dict]:
+    """Restore a checkpoint into the prepared student and optimizer (whose hyper-parameters then follow `config`),
+    set aside what it abandons (main process), and print which checkpoint it was, why, and what changed.
+
+    Returns:
+        The run's resumes so far, this one last, for the checkpoints it writes.
+    """
+    load_training_state(resume.path / "state", accelerator.unwrap_model(student), optimizer, accelerator.process_index)
+    apply_optimizer_config(optimizer, config)
+    aside = start_run_folder(Path(config.output_dir), resume.step) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    accelerator.print(_resume_message(resume, changes, aside, config.max_steps))
+    return [*resume.history, {"from": str(resume.path), "step": resume.step, "changed": changes}]
+
+
+def _resume_message(resume: Resume, changes: dict[str, list], aside: Path | None, max_steps: int) -> str:
+    """The one line a resumed run prints: which checkpoint and why, what it set aside, what it changed."""
+    line = f"resuming from {resume.path} at step {resume.step} ({resume.reason})"
+    if aside is not None:
+        line += f"; the later checkpoints it abandons are kept in {aside}"
+    if changes:
+        changed = ", ".join(f"{key}={new!r} (was {old!r})" for key, (old, new) in changes.items())
+        line += f"; applied from step {resume.step + 1} on: {changed}"
+    if resume.step == max_steps:
+        line += "; it is at max_steps already: only final/ is written"
+    return line

@@ -8,6 +8,7 @@ A run reads a YAML file (a shipped name such as `stage1-compbench`, or a path) f
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -20,6 +21,9 @@ import yaml
 
 from ..atomic import write_text_atomically
 from .lora_block import check_lora, move_flat_lora_keys
+from .run_folder import METRICS_NAME, list_checkpoints
+
+logger = logging.getLogger(__name__)
 
 SHIPPED_CONFIGS = ("tiny", "stage1-compbench", "stage2-commontext", "stage3-mixed")
 CONFIG_NAME = "config.yaml"
@@ -220,6 +224,16 @@ class TrainingConfig:
             raise ValueError("validation_seeds must hold at least one seed when validation_prompts are given.")
         if not self.guidance_scales:
             raise ValueError("guidance_scales must hold at least one value.")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        for name in ("lr_warmup_steps", "weight_decay", "max_grad_norm", "adam_epsilon"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative, got {getattr(self, name)}.")
+        if self.resolution < 16 or self.resolution % 16:
+            lower = self.resolution // 16 * 16
+            nearest = f"{lower} or {lower + 16}" if lower >= 16 else "16"
+            raise ValueError(f"resolution={self.resolution} is not a multiple of 16, which FLUX's latents need "
+                             f"(8 pixels a latent, 2x2 latents a token): use {nearest}.")
         self.lora = check_lora(self.lora)
         if self.lora and self.student_init == "random":
             raise ValueError("LoRA on a randomly initialised student makes no sense: drop the lora block or set "
@@ -295,6 +309,11 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str
         else:
             values[key] = value
     move_flat_lora_keys(values)
+    if "output_dir" not in overrides and (run_folder := _run_folder_of(path)) is not None:
+        if Path(str(values.get("output_dir"))).resolve() != run_folder.resolve():
+            logger.warning(f"{path} was written for output_dir={values.get('output_dir')}; it sits in that run's "
+                           f"folder, moved or copied, so the run goes on there: {run_folder}.")
+        values["output_dir"] = str(run_folder)
     default_root = Path.cwd() if str(name_or_path) in SHIPPED_CONFIGS else path.parent
     _resolve_paths(values, Path(os.path.expanduser(values.get("data_root") or default_root)))
     known = {f.name for f in dataclasses.fields(TrainingConfig)}
@@ -303,6 +322,18 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str
         raise ValueError(f"unknown config keys {unknown} (in {path} or the overrides); see `flux-small-encoder "
                          "train --help` for the fields.")
     return TrainingConfig(**values)
+
+
+def _run_folder_of(path: Path) -> Path | None:
+    """The run folder that a run's own `config.yaml` sits in (with its checkpoints or metrics), else `None`.
+
+    A run's config trains into the folder it sits in, not the one it was written for, so that a moved or copied run
+    resumes where it is.
+    """
+    if path.name != CONFIG_NAME:
+        return None
+    folder = path.parent
+    return folder if list_checkpoints(folder) or (folder / METRICS_NAME).is_file() else None
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:

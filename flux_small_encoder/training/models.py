@@ -7,6 +7,7 @@ see `flux_small_encoder.tiny`) picks that source; any other name is a Hub repo i
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -15,7 +16,16 @@ import torch
 from torch import nn
 
 from ..modeling import DistilledT5EncoderModel
+from ..registry import is_repo_id
 from .config import TrainingConfig
+
+# What a run reads from the `model` repo, as `hf download --include` patterns, each with a file showing it is cached.
+FROZEN_PART_FILES = {
+    "transformer/*": "transformer/config.json", "scheduler/*": "scheduler/scheduler_config.json",
+    "text_encoder/*": "text_encoder/config.json", "tokenizer/*": "tokenizer/tokenizer_config.json",
+    "tokenizer_2/*": "tokenizer_2/tokenizer_config.json", "vae/config.json": "vae/config.json",
+}
+TEACHER_FILES = {"text_encoder_2/*": "text_encoder_2/config.json"}
 
 
 @dataclass
@@ -56,12 +66,16 @@ class ModelSource:
         t5_tokenizer: `config` -> the pipeline's T5 tokenizer (`tokenizer_2`), shared by teacher and student.
         student_t5: `config` -> the T5 encoder a new student starts from: pretrained weights with
             `student_init=t5`, the same architecture with random weights with `student_init=random`.
+        cpu_threads: How many threads torch uses on the CPU while a run of this source trains (default: torch's own,
+            one per core). Models of a few thousand weights gain nothing from more than one, and on a machine shared
+            with other busy processes extra threads mostly wait for each other.
     """
 
     frozen_parts: Callable[[TrainingConfig, torch.dtype], FrozenParts]
     teacher: Callable[[TrainingConfig, torch.dtype], nn.Module]
     t5_tokenizer: Callable[[TrainingConfig], Any]
     student_t5: Callable[[TrainingConfig], nn.Module]
+    cpu_threads: int | None = None
 
 
 # --- pretrained weights: a Hub repo id or a folder ------------------------------------------------------------------
@@ -162,6 +176,7 @@ BUILT_IN_SOURCES: dict[str, ModelSource] = {
         teacher=_tiny_teacher,
         t5_tokenizer=_tiny_t5_tokenizer,
         student_t5=_tiny_student_t5,
+        cpu_threads=1,
     ),
 }
 
@@ -172,6 +187,64 @@ def model_source(name: str) -> ModelSource:
 
 
 # --- what the trainer calls -----------------------------------------------------------------------------------------
+
+
+def check_cached(config: TrainingConfig, *, frozen_parts: bool, teacher: bool, student: bool) -> None:
+    """In offline mode, raise `OSError` for the Hub repos of the run that are not cached, with the `hf download`
+    command that fetches only what training needs (FLUX's T5-XXL only when the teacher is read from the pipeline).
+
+    Args:
+        config: The run's configuration.
+        frozen_parts: Check the frozen parts of `model` (and its T5 tokenizer).
+        teacher: Check the teacher (`teacher`, else `model`'s `text_encoder_2`).
+        student: Check the T5 checkpoint a new student starts from (`student_init` t5 or random).
+    """
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        return
+    wanted: dict[tuple[str, str | None], dict[str, str]] = {}
+    if frozen_parts or teacher:  # the T5 tokenizer always comes from the pipeline
+        files = dict(FROZEN_PART_FILES) if frozen_parts else {"tokenizer_2/*": FROZEN_PART_FILES["tokenizer_2/*"]}
+        if frozen_parts and config.validation_prompts:  # validation images need the VAE's weights too
+            files = {("vae/*" if key == "vae/config.json" else key): probe for key, probe in files.items()}
+        wanted[config.model, config.revision] = files
+    if teacher and config.teacher:
+        wanted[config.teacher, None] = {"": "config.json"}
+    elif teacher:
+        wanted[config.model, config.revision].update(TEACHER_FILES)
+    if student and config.student_init != "distilled":
+        wanted.setdefault((config.student, None), {})[""] = "config.json"
+    problems = []
+    for (name, revision), files in wanted.items():
+        missing = [pattern for pattern, probe in files.items() if not _is_cached(name, probe, revision)]
+        if missing:
+            include = "".join(f' --include "{pattern}"' for pattern in missing if pattern)
+            command = f"hf download {name}" + (f" --revision {revision}" if revision else "") + include
+            what = ", ".join(pattern for pattern in missing if pattern) or "config.json"
+            problems.append(f"{name} is not in the local Hugging Face cache ({what}): fetch what training needs with "
+                            f"`{command}`")
+    if problems:
+        raise FileNotFoundError(f"the Hub is offline (HF_HUB_OFFLINE=1) and {'; and '.join(problems)}; or give a "
+                                "local folder.")
+
+
+def _is_cached(name: str, filename: str, revision: str | None) -> bool:
+    """Whether `filename` of `name` can be read offline: a built-in source, a local folder or a cached Hub file."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if model_source(name) is not PRETRAINED or os.path.isdir(name) or not is_repo_id(name):
+        return True  # a built-in source needs no files; a bad path fails with its own message
+    return isinstance(try_to_load_from_cache(name, filename, revision=revision), str)
+
+
+def source_threads(config: TrainingConfig) -> int:
+    """Set torch's CPU thread count for `config.model`'s source (`tiny`: one); returns the count before, to restore."""
+    before = torch.get_num_threads()
+    threads = model_source(config.model).cpu_threads
+    if threads:
+        torch.set_num_threads(threads)
+    return before
 
 
 def load_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenParts:

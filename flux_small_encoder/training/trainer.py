@@ -7,10 +7,8 @@ teacher embeddings are computed once (or read from the cache), not once per time
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -23,20 +21,28 @@ from .attention import attention_kernels, describe_attention
 from .batch import TrajectoryMaker, micro_batch_positions
 from .cache import TeacherCache
 from .checkpointing import (
-    METRICS_NAME,
     checkpoint_folder,
     find_resume_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
     prune_checkpoints,
+    restore,
+    resume_changes,
     save_student,
-    truncate_metrics,
-    write_checkpoint_files,
+    write_checkpoint,
 )
 from .config import TrainingConfig
 from .data import PromptStream, load_prompts
 from .distill import OBJECTIVES, Trajectory, flux_schedule, per_sample_mse
-from .models import FrozenParts, add_lora, build_student, load_frozen_parts, load_teacher, teacher_name
+from .fingerprint import teacher_identity
+from .models import FrozenParts, add_lora, build_student, check_cached, load_frozen_parts, load_teacher, source_threads
+from .run_folder import (
+    METRICS_NAME,
+    append_metrics,
+    hold_run_folder,
+    last_good_checkpoint,
+    start_run_folder,
+    writing_into,
+)
+from .state import build_lr_scheduler
 
 
 class TrainingDivergedError(RuntimeError):
@@ -79,26 +85,40 @@ class DistillationTrainer:
         self.output_dir = Path(config.output_dir)
         self.frozen, self.teacher, self.student = frozen, teacher, student
         self.step = 0
+        self.history: list[dict] = []  # the resumes so far, recorded in every checkpoint
+        self.progress = None
 
     # --- setup ------------------------------------------------------------------------------------------------------
 
     def setup(self) -> None:
+        """Take `output_dir` (before anything is written: a second run there is refused), then data, models and
+        optimizer; the folder is let go again if any of them fails."""
         self.accelerator = make_accelerator(self.config)
-        self.setup_data()
-        self.setup_models()
-        self.setup_optimizer()
+        self.lock = hold_run_folder(self.accelerator, self.output_dir)
+        self.threads = source_threads(self.config)
+        try:
+            self.setup_data()
+            self.setup_models()
+            self.setup_optimizer()
+        except BaseException:
+            self.cleanup()
+            raise
         self.start_time = time.perf_counter()
 
     def setup_data(self) -> None:
-        """Read every prompt file (a malformed one fails before any model loads) and find the checkpoint to resume."""
+        """Read every prompt file and find the checkpoint to resume, checking what the config changes against it (a
+        malformed file or a refused change fails before any model loads)."""
         train_prompts, self.eval_prompts = load_prompts(self.config)
         self.stream = PromptStream(train_prompts, seed=self.config.seed)
-        self.resume_path = find_resume_checkpoint(self.config)
+        self.resume = find_resume_checkpoint(self.config)
+        self.changes = resume_changes(self.resume, self.config) if self.resume else {}
 
     def setup_models(self) -> None:
         """The frozen parts, the teacher (or its cache), the student and the objective: built unless handed in."""
         cfg, device = self.config, self.accelerator.device
         self.dtype = precision_dtype(cfg.mixed_precision)
+        check_cached(cfg, frozen_parts=self.frozen is None, teacher=self.teacher is None and not cfg.teacher_cache,
+                     student=self.student is None)
         if self.frozen is None:
             self.frozen = load_frozen_parts(cfg, self.dtype)
         self.frozen.freeze(device, self.dtype)
@@ -106,7 +126,7 @@ class DistillationTrainer:
             self.frozen.transformer.enable_gradient_checkpointing()
 
         if cfg.teacher_cache:
-            teacher = TeacherCache(cfg.teacher_cache, teacher=teacher_name(cfg))
+            teacher = TeacherCache(cfg.teacher_cache, teacher=teacher_identity(cfg))
         else:
             if self.teacher is None:
                 self.teacher = load_teacher(cfg, self.dtype)
@@ -140,26 +160,20 @@ class DistillationTrainer:
 
     def setup_optimizer(self) -> None:
         """AdamW over the student's trainable parameters and its schedule, prepared; restored when resuming."""
-        from diffusers.optimization import get_scheduler
-
         cfg = self.config
         self.trainable = [p for p in self.student.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(
             self.trainable, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
         )
-        # The schedule steps once per optimizer step.
-        self.lr_scheduler = get_scheduler(
-            cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
-            num_training_steps=cfg.max_steps,
-        )
         self.student, self.optimizer = self.accelerator.prepare(self.student, optimizer)
-        self.accelerator.register_for_checkpointing(self.lr_scheduler)
-        if self.resume_path is not None:
-            self.step = load_checkpoint(self.accelerator, self.resume_path, cfg)
-            if self.accelerator.is_main_process:
-                truncate_metrics(self.output_dir / METRICS_NAME, self.step)
-            self.accelerator.print(f"resumed from {self.resume_path} at step {self.step}")
+        if self.resume is not None:  # restored; what it abandons is set aside, and it says so in one line
+            self.step = self.resume.step
+            self.history = restore(self.accelerator, self.resume, self.student, self.optimizer, cfg, self.changes)
+        elif self.accelerator.is_main_process:
+            start_run_folder(self.output_dir, None)
+        # The schedule steps once per optimizer step; a resumed run rebuilds it at its step, from its config.
+        self.lr_scheduler = build_lr_scheduler(optimizer, cfg, self.step)
 
     # --- train ------------------------------------------------------------------------------------------------------
 
@@ -172,7 +186,7 @@ class DistillationTrainer:
         if self.accelerator.is_main_process:
             cfg.save(self.output_dir)
         init_trackers(self.accelerator, cfg)
-        progress = tqdm(
+        progress = self.progress = tqdm(
             total=cfg.max_steps, initial=self.step, desc="distill", disable=not self.accelerator.is_local_main_process
         )
         if self.step == 0 and self.eval_prompts:
@@ -232,12 +246,10 @@ class DistillationTrainer:
         loss = self.accelerator.reduce(torch.stack(losses).mean(), "mean").item()
         if not math.isfinite(loss):
             self.optimizer.zero_grad()
-            checkpoints = list_checkpoints(self.output_dir)
-            kept = f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
             raise TrainingDivergedError(
                 f"the loss is {loss} at step {self.step + 1}; training stopped before applying that update and "
-                f"{kept}. Lower learning_rate (now {self.config.learning_rate}), use lr_warmup_steps, or check the "
-                "teacher embeddings."
+                f"{last_good_checkpoint(self.output_dir)}. Lower learning_rate (now {self.config.learning_rate}), use "
+                "lr_warmup_steps, or check the teacher embeddings."
             )
         lr = self.lr_scheduler.get_last_lr()[0]
         grad_norm = None
@@ -327,9 +339,8 @@ class DistillationTrainer:
     def log(self, metrics: dict) -> None:
         """Append one line to `metrics.jsonl` and send the numbers to the trackers (TensorBoard)."""
         if self.accelerator.is_main_process:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            with open(self.output_dir / METRICS_NAME, "a") as handle:
-                handle.write(json.dumps(metrics) + "\n")
+            with writing_into(self.output_dir, f"{METRICS_NAME} at step {metrics['step']}"):
+                append_metrics(self.output_dir / METRICS_NAME, metrics)
         numbers = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
         self.accelerator.log(numbers, step=metrics["step"])
 
@@ -340,19 +351,11 @@ class DistillationTrainer:
 
         A checkpoint of the same step left by an abandoned run is moved aside when the new one is complete.
         """
-        from accelerate.utils import broadcast_object_list
-
         folder = checkpoint_folder(self.output_dir, self.step)
-        main = self.accelerator.is_main_process
-        with atomic_folder(folder, replace=True) if main else nullcontext() as staging:
-            # Every process writes its RNG state into the main process's staging folder.
-            staging = broadcast_object_list([staging])[0]
-            self.accelerator.save_state(str(staging / "state"))
-            if main:
-                student = self.accelerator.unwrap_model(self.student)
-                write_checkpoint_files(staging, student, self.config, self.step)
-            self.accelerator.wait_for_everyone()
-        if main:
+        with writing_into(self.output_dir, folder.name):
+            write_checkpoint(self.accelerator, folder, self.student, self.optimizer, self.config, self.step,
+                             self.history)
+        if self.accelerator.is_main_process:
             prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
         return folder
@@ -361,7 +364,7 @@ class DistillationTrainer:
         """Write `output_dir/final`: the student's `save_pretrained` folder (plus `adapter/` with LoRA)."""
         final = self.output_dir / "final"
         if self.accelerator.is_main_process:
-            with atomic_folder(final, replace=True) as staging:
+            with writing_into(self.output_dir, "final/"), atomic_folder(final, replace=True) as staging:
                 student = self.accelerator.unwrap_model(self.student)
                 save_student(student, staging, self.config, adapter_folder=staging / "adapter")
         self.accelerator.wait_for_everyone()
@@ -370,10 +373,15 @@ class DistillationTrainer:
     # --- cleanup ----------------------------------------------------------------------------------------------------
 
     def cleanup(self) -> None:
+        """End the trackers, free memory, restore torch's thread count and let `output_dir` go."""
         from diffusers.training_utils import free_memory
 
+        if self.progress is not None:  # closed before an error is printed, not glued to the bar
+            self.progress.close()
         self.accelerator.end_training()
         free_memory()
+        torch.set_num_threads(self.threads)
+        self.lock.release()
 
     # --- helpers ----------------------------------------------------------------------------------------------------
 

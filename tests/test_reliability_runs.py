@@ -1,0 +1,494 @@
+"""Training runs that cannot be lost or mixed up (issue 9): kills at exact lines, a full disk, two runs in one folder,
+resumes that change the config, moved runs, the teacher cache, pickles in checkpoints, offline models, threads.
+
+A kill is `os._exit` in a forked child at the line named: no `except`, `finally` or `atexit` runs, as under `kill -9`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import re
+import shutil
+import subprocess
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from flux_small_encoder import atomic
+from flux_small_encoder.cli import main
+from flux_small_encoder.training import DistillationTrainer, TeacherCache, cache_teacher, load_config, train
+
+QUICK = ["report_to=none", "eval_steps=1000", "num_eval_prompts=4", "num_inference_steps=2"]
+KILLED = 137
+
+
+def run_killed(function, target, name: str, when=None, then=None) -> None:
+    """Run `function` in a forked child that dies at the first call of `target.name` where `when(*args)` holds,
+    after `then(*args)` (a partial write) if given."""
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            original = getattr(target, name)
+
+            def dying(*args, **kwargs):
+                if when is None or when(*args, **kwargs):
+                    if then is not None:
+                        then(*args, **kwargs)
+                    os._exit(KILLED)
+                return original(*args, **kwargs)
+
+            setattr(target, name, dying)
+            function()
+            status = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            os._exit(status)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == KILLED, "the child did not reach its kill point"
+
+
+def tiny(out: Path, *overrides: str):
+    return load_config("tiny", [*QUICK, f"output_dir={out}", *overrides])
+
+
+def metric_steps(folder: Path) -> list[int]:
+    """The steps of the training lines of `folder/metrics.jsonl` (not the step-0 evaluation)."""
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [line["step"] for line in lines if "loss" in line]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory) -> Path:
+    """A tiny run of 4 steps with checkpoint-2, checkpoint-4 and final/, trained once per session."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(tiny(out, "max_steps=4", "checkpointing_steps=2"))
+    return out
+
+
+@pytest.fixture
+def run(finished_run, tmp_path) -> Path:
+    """A copy of `finished_run` of the test's own, at `tmp_path/run`."""
+    return Path(shutil.copytree(finished_run, tmp_path / "run"))
+
+
+def hidden(folder: Path) -> list[str]:
+    """What writers left under hidden names in `folder` (staging and set-aside copies), not the run's lock."""
+    return sorted(p.name for p in folder.glob(".*") if p.name != ".lock")
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (hidden ones too) with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def one_line_error(capsys) -> str:
+    """The command's one `error: ...` line (progress bars may come before it), with no traceback."""
+    err = capsys.readouterr().err
+    errors = [line for line in re.split(r"[\r\n]", err) if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+# --- 1. metrics.jsonl ------------------------------------------------------------------------------------------------
+
+
+def test_a_torn_last_metrics_line_is_dropped_on_resume(tmp_path):
+    out = tmp_path / "run"
+    args = ["max_steps=4", "checkpointing_steps=2"]
+
+    def torn_write(trainer, metrics):  # the kill lands halfway through the line of step 3
+        with open(out / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(metrics)[:20])
+
+    run_killed(lambda: train(tiny(out, *args)), DistillationTrainer, "log",
+               when=lambda trainer, metrics: metrics["step"] == 3, then=torn_write)
+    assert not (out / "metrics.jsonl").read_text().endswith("\n")
+    train(tiny(out, *args, "resume_from_checkpoint=latest"))
+    assert metric_steps(out) == [1, 2, 3, 4]
+
+
+def test_a_kill_while_resume_rewrites_the_metrics_keeps_them_whole(run):
+    out = run
+    shutil.rmtree(out / "checkpoint-4")  # as if killed after step 4 was logged but before its checkpoint
+    before = (out / "metrics.jsonl").read_bytes()
+    run_killed(lambda: train(tiny(out, "max_steps=4", "resume_from_checkpoint=latest")), os, "replace",
+               when=lambda source, target: Path(target).name == "metrics.jsonl")
+    assert (out / "metrics.jsonl").read_bytes() == before
+
+
+# --- 2. lineage ------------------------------------------------------------------------------------------------------
+
+
+def test_latest_after_an_explicit_resume_continues_the_new_branch(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["max_steps=10", "checkpointing_steps=2"]
+    train(tiny(out, *args))
+    old_ten = (out / "checkpoint-10" / "student" / "model.safetensors").read_bytes()
+    # Back to checkpoint-4, killed at step 7 (after checkpoint-6 of the new branch).
+    run_killed(lambda: train(tiny(out, *args, f"resume_from_checkpoint={out / 'checkpoint-4'}")), DistillationTrainer,
+               "log", when=lambda trainer, metrics: metrics["step"] == 7)
+
+    trainer = DistillationTrainer(tiny(out, *args, "resume_from_checkpoint=latest"))
+    trainer.setup()
+    try:
+        assert trainer.step == 6
+        line = f"resuming from {out / 'checkpoint-6'} at step 6 (resume_from_checkpoint=latest: the newest in output"
+        assert line in capsys.readouterr().out
+    finally:
+        trainer.cleanup()
+    # The abandoned branch is kept, under names `latest` never picks.
+    aside = out / "abandoned-1"
+    assert sorted(p.name for p in aside.iterdir()) == [
+        "checkpoint-10", "checkpoint-6", "checkpoint-8", "final", "metrics.jsonl"
+    ]
+    assert (aside / "checkpoint-10" / "student" / "model.safetensors").read_bytes() == old_ten
+    assert metric_steps(aside) == [5, 6, 7, 8, 9, 10]
+
+
+# --- 3. one run per folder -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["two fresh runs", "two latest resumes"])
+def test_a_second_run_into_a_held_folder_is_refused_and_changes_nothing(finished_run, tmp_path, capsys, resume):
+    out = tmp_path / "run"
+    args = ["max_steps=6", "checkpointing_steps=2"]
+    if resume:
+        shutil.copytree(finished_run, out)
+        args.append("resume_from_checkpoint=latest")
+    first = DistillationTrainer(tiny(out, *args))
+    first.setup()
+    try:
+        before = snapshot(out)
+        capsys.readouterr()
+        assert main(["train", "--config", "tiny", *QUICK, *args, f"output_dir={out}"]) == 2
+        message = one_line_error(capsys)
+        assert f"{out} is in use by another run (pid {os.getpid()} on " in message
+        assert snapshot(out) == before
+        first.train()
+    finally:
+        first.cleanup()
+    assert metric_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
+    out = tmp_path / "run"
+    run_killed(lambda: train(tiny(out, "max_steps=4", "checkpointing_steps=2")), DistillationTrainer, "log",
+               when=lambda trainer, metrics: metrics["step"] == 3)
+    assert json.loads((out / ".lock").read_text())["pid"] != os.getpid()  # the dead holder's name is still there
+    train(tiny(out, "max_steps=4", "resume_from_checkpoint=latest"))
+    assert metric_steps(out) == [1, 2, 3, 4] and not (out / ".lock").exists()
+
+
+# --- 4. replacing and removing folders under kills ------------------------------------------------------------------
+
+
+def _partial_rmtree(path, *args, **kwargs):
+    """A kill during a folder's deletion: one file is gone."""
+    next(p for p in sorted(Path(path).rglob("*.safetensors"))).unlink()
+
+
+KILL_POINTS = {
+    "with the new one staged": ("rename", lambda source, target: Path(source).name == "checkpoint-4", None),
+    "after the move-aside": ("rename", lambda source, target: Path(target).name == "checkpoint-4", None),
+    "during the removal of the old one": ("rmtree", lambda path, *a, **k: ".checkpoint-4." in str(path),
+                                          _partial_rmtree),
+}
+
+
+@pytest.mark.parametrize("point", list(KILL_POINTS))
+def test_replacing_a_checkpoint_never_shows_a_half_folder_and_leftovers_go_at_the_next_start(run, point):
+    out = run
+    old = snapshot(out / "checkpoint-4")
+
+    def replace_checkpoint_4():
+        with atomic.atomic_folder(out / "checkpoint-4", replace=True) as staging:
+            shutil.copytree(out / "checkpoint-4", staging, dirs_exist_ok=True)
+            (staging / "replaced.txt").write_text("the new one")
+
+    name, when, then = KILL_POINTS[point]
+    run_killed(replace_checkpoint_4, os if name == "rename" else shutil, name, when=when, then=then)
+    assert hidden(out)
+    # Whatever `latest` picks is one whole checkpoint: the old checkpoint-4, the new one, or checkpoint-2.
+    picked = DistillationTrainer(tiny(out, "max_steps=4", "resume_from_checkpoint=latest"))
+    picked.setup()
+    try:
+        resumed = snapshot(out / f"checkpoint-{picked.step}")
+        assert resumed in (old, {**old, "replaced.txt": b"the new one"}, snapshot(out / "checkpoint-2"))
+        assert hidden(out) == []  # removed at the start, under the lock
+    finally:
+        picked.cleanup()
+
+
+def test_a_kill_while_pruning_leaves_no_half_deleted_checkpoint(run):
+    out = run
+    run_killed(lambda: atomic.remove(out / "checkpoint-2"), shutil, "rmtree", then=_partial_rmtree)
+    assert not (out / "checkpoint-2").exists() and hidden(out)
+
+
+def test_staging_names_carry_the_writers_pid_so_stale_ones_are_known(tmp_path):
+    run_killed(lambda: atomic.write_text_atomically(tmp_path / "a.txt", "x"), os, "replace")
+    (tmp_path / f".b.txt.{os.getpid()}-0123abcd.partial").write_text("")  # a live writer's
+    assert [p.name.split(".")[1] for p in atomic.leftovers(tmp_path, stale_only=True)] == ["a"]
+    assert len(atomic.leftovers(tmp_path)) == 2
+
+
+# --- 5. what a resume may change ------------------------------------------------------------------------------------
+
+
+def test_resuming_with_another_learning_rate_applies_it_says_so_and_records_it(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["lr_scheduler=constant", "lr_warmup_steps=0", "checkpointing_steps=2"]
+    train(tiny(out, *args, "max_steps=2", "learning_rate=1e-3"))
+    capsys.readouterr()
+    train(tiny(out, *args, "max_steps=4", "learning_rate=2e-4", "resume_from_checkpoint=latest"))
+    assert "applied from step 3 on: learning_rate=0.0002 (was 0.001)" in capsys.readouterr().out
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lr"] for r in lines if "loss" in r] == [1e-3, 1e-3, 2e-4, 2e-4]
+    assert yaml.safe_load((out / "config.yaml").read_text())["learning_rate"] == 2e-4
+    resumes = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["resumes"]
+    changed = {"learning_rate": [1e-3, 2e-4], "max_steps": [2, 4]}
+    assert resumes == [{"from": str(out / "checkpoint-2"), "step": 2, "changed": changed}]
+
+
+@pytest.mark.parametrize("override, field", [("lora.r=4", "lora"), ("student_init=random", "student_init"),
+                                             ("model=tiny-other", "model")])
+def test_resuming_with_another_student_or_lora_is_refused_in_one_line(tmp_path, capsys, override, field):
+    out = tmp_path / "run"
+    train(tiny(out, "max_steps=1", "student_init=t5"))
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=4", f"output_dir={out}", "student_init=t5",
+                 "resume_from_checkpoint=latest", override]) == 2
+    message = one_line_error(capsys)
+    assert f"{out / 'checkpoint-1'} was trained with {field}=" in message and "student_init=distilled" in message
+    assert snapshot(out) == before
+
+
+def test_resuming_a_student_of_another_size_names_the_first_weight_in_one_line(run):
+    from flux_small_encoder.tiny import tiny_student
+
+    out = run
+    trainer = DistillationTrainer(tiny(out, "max_steps=4", "resume_from_checkpoint=latest"), student=tiny_student())
+    with pytest.raises(ValueError, match=r"weights differ in name or shape \(encoder\.") as error:
+        trainer.setup()
+    assert "\n" not in str(error.value) and not (out / ".lock").exists()
+
+
+# --- 6. moved runs, max_steps, config checks ------------------------------------------------------------------------
+
+
+def test_a_moved_run_resumes_in_the_folder_it_sits_in(finished_run, tmp_path):
+    shutil.copytree(finished_run, tmp_path / "b")  # config.yaml still says output_dir=<finished_run>
+    before = snapshot(finished_run)
+    assert main(["train", "--config", str(tmp_path / "b" / "config.yaml"), "max_steps=6",
+                 "resume_from_checkpoint=latest"]) == 0
+    assert snapshot(finished_run) == before
+    assert (tmp_path / "b" / "checkpoint-6").is_dir() and metric_steps(tmp_path / "b") == [1, 2, 3, 4, 5, 6]
+
+
+def test_max_steps_below_the_checkpoint_is_refused_and_final_is_kept(run, capsys):
+    out = run
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=2", f"output_dir={out}",
+                 "resume_from_checkpoint=latest"]) == 2
+    assert f"{out / 'checkpoint-4'} is at step 4, past max_steps=2: raise max_steps" in one_line_error(capsys)
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("resolution=500", "resolution=500 is not a multiple of 16, which FLUX's latents need (8 pixels a latent, 2x2 "
+                        "latents a token): use 496 or 512."),
+     ("resolution=8", "use 16."),
+     ("learning_rate=-1", "learning_rate must be positive, got -1."),
+     ("lora.r=-2", "lora.r must be at least 1, got -2"),
+     ("lora_rank=-1", "lora.r must be at least 1, got -1")],
+)
+def test_bad_numbers_are_refused_with_the_config_before_any_model_loads(tmp_path, capsys, override, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_config("tiny", ["student_init=t5", override])
+    assert main(["train", "--config", "tiny", *QUICK, f"output_dir={tmp_path / 'run'}", "student_init=t5",
+                 override]) == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+# --- 7. the teacher cache --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("cache") / "cache"
+    return cache_teacher(load_config("tiny"), folder, dtype="float32")
+
+
+@pytest.fixture
+def teacher_folder(tmp_path) -> Path:
+    from flux_small_encoder.tiny import tiny_teacher
+
+    tiny_teacher(seed=0).save_pretrained(tmp_path / "teacher")
+    return tmp_path / "teacher"
+
+
+def test_the_teacher_cache_knows_its_teacher_by_content_not_by_path(tmp_path, teacher_folder, monkeypatch, capsys):
+    from flux_small_encoder.tiny import tiny_teacher
+
+    cache_teacher(load_config("tiny", [f"teacher={teacher_folder}"]), tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    relative = ["teacher=teacher", f"teacher_cache={tmp_path / 'cache'}", "max_steps=2"]
+    assert main(["train", "--config", "tiny", *QUICK, *relative, f"output_dir={tmp_path / 'run'}"]) == 0
+
+    tiny_teacher(seed=1).save_pretrained(teacher_folder)  # the same path, other weights
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, *relative, f"output_dir={tmp_path / 'run2'}"]) == 2
+    assert ("and this run's teacher 'teacher' has other weights (config and weights fingerprint differ): write a new "
+            "cache for it with `flux-small-encoder cache-teacher`.") in one_line_error(capsys)
+    assert not (tmp_path / "run2").exists()
+
+
+def test_a_truncated_shard_is_refused_when_the_cache_opens(tiny_cache, tmp_path, capsys):
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    shard = tmp_path / "cache" / "embeddings-00000.safetensors"
+    os.truncate(shard, shard.stat().st_size // 2)
+    assert main(["train", "--config", "tiny", *QUICK, f"teacher_cache={tmp_path / 'cache'}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert f"teacher cache shard {shard} is truncated or damaged (" in one_line_error(capsys)
+
+
+def test_verify_finds_a_shard_that_changed_on_disk(tiny_cache, tmp_path):
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    TeacherCache(tmp_path / "cache").verify()
+    shard = tmp_path / "cache" / "embeddings-00000.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0xFF
+    shard.write_bytes(data)
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        TeacherCache(tmp_path / "cache").verify()
+
+
+def test_a_killed_cache_teacher_leaves_no_staging_folder_behind(tmp_path):
+    from flux_small_encoder.training import cache
+
+    config = load_config("tiny")
+    run_killed(lambda: cache_teacher(config, tmp_path / "cache"), cache, "save_file")
+    assert [p.name.split(".")[1] for p in tmp_path.iterdir()] == ["cache"]  # the hidden staging folder
+    cache_teacher(config, tmp_path / "cache")
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]
+
+
+# --- 9. no pickle ----------------------------------------------------------------------------------------------------
+
+
+class _Payload:
+    """A pickle that runs code: it creates a file when loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return Path.touch, (self.marker,)
+
+
+def test_checkpoints_hold_no_pickle_and_one_carrying_a_pickle_is_refused(run, tmp_path, capsys):
+    out = run
+    suffixes = {p.suffix for checkpoint in out.glob("checkpoint-*") for p in checkpoint.rglob("*") if p.is_file()}
+    assert suffixes == {".safetensors", ".json", ".yaml"}, suffixes
+
+    marker = tmp_path / "code-ran"
+    planted = out / "checkpoint-4" / "state" / "custom_checkpoint_0.pkl"
+    planted.write_bytes(pickle.dumps(_Payload(marker)))
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", f"output_dir={out}",
+                 "resume_from_checkpoint=latest"]) == 2
+    assert f"{planted} may be a pickle, which can run code when loaded" in one_line_error(capsys)
+    assert not marker.exists()
+
+
+# --- 14. one line, exit status 2 -------------------------------------------------------------------------------------
+
+
+def test_training_a_model_that_is_not_cached_offline_says_what_to_download(tmp_path, capsys):
+    assert main(["train", "--config", "tiny", *QUICK, "model=black-forest-labs/FLUX.1-dev",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    message = one_line_error(capsys)
+    assert "the Hub is offline (HF_HUB_OFFLINE=1) and black-forest-labs/FLUX.1-dev is not in the local" in message
+    assert ('`hf download black-forest-labs/FLUX.1-dev --include "transformer/*" --include "scheduler/*" --include '
+            '"text_encoder/*" --include "tokenizer/*" --include "tokenizer_2/*" --include "vae/*" '
+            '--include "text_encoder_2/*"`') in message
+    assert main(["cache-teacher", "--config", "tiny", "model=black-forest-labs/FLUX.1-dev",
+                 f"--out={tmp_path / 'cache'}"]) == 2
+    assert ('`hf download black-forest-labs/FLUX.1-dev --include "tokenizer_2/*" --include "text_encoder_2/*"`'
+            in one_line_error(capsys))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def _full_disk(tensors, filename, metadata=None):
+    """safetensors' save_file on a full disk: part of the file is written, then ENOSPC."""
+    Path(filename).write_bytes(b"\0" * 100)
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_checkpointing_names_the_last_good_checkpoint(run, capsys, monkeypatch):
+    from flux_small_encoder.training import state
+
+    out = run
+    monkeypatch.setattr(state, "save_file", _full_disk)
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", "checkpointing_steps=2", f"output_dir={out}",
+                 "resume_from_checkpoint=latest"]) == 2
+    assert (f"error: the disk of {out} is full: checkpoint-6 could not be written (nothing of it was kept) and the "
+            f"last good checkpoint is {out / 'checkpoint-4'}. Free some space") in one_line_error(capsys)
+    assert not (out / "checkpoint-6").exists() and hidden(out) == []
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs, where this process may mount one (root on Linux)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                                                       capture_output=True).returncode:
+        pytest.skip("this machine does not let the tests mount a tmpfs; the patched-write test covers the case")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_while_checkpointing_names_the_last_good_checkpoint(small_disk, capsys):
+    out = small_disk / "run"
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", "checkpointing_steps=2",
+                 f"output_dir={out}"]) == 2
+    message = one_line_error(capsys)
+    assert f"error: the disk of {out} is full: checkpoint-" in message and "the last good checkpoint is" in message
+    good = message.split("the last good checkpoint is ")[1].split(". Free")[0]
+    load_file(Path(good) / "student" / "model.safetensors")  # whole
+    assert hidden(out) == []
+
+
+# --- 18. threads -----------------------------------------------------------------------------------------------------
+
+
+def test_tiny_runs_use_one_thread_and_give_the_count_back(tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        trainer = DistillationTrainer(tiny(tmp_path / "run", "max_steps=1"))
+        trainer.setup()
+        assert torch.get_num_threads() == 1
+        trainer.cleanup()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_test_session_and_its_subprocesses_use_one_thread():
+    assert torch.get_num_threads() == 1 and os.environ["OMP_NUM_THREADS"] == "1"
