@@ -14,6 +14,8 @@ import importlib.util
 import sys
 import types
 
+from .lazy import lazy_exports
+
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
@@ -38,17 +40,7 @@ _PUBLIC = {
 
 __all__ = sorted([*_PUBLIC, "__version__"])
 
-
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC})
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)
 
 
 class _ImportedOnFirstUse(types.ModuleType):

@@ -15,7 +15,7 @@ The public names load on first use.
 
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_exports
 
 # Public name -> the module that defines it.
 _PUBLIC = {
@@ -30,14 +30,4 @@ _PUBLIC = {
 
 __all__ = sorted(_PUBLIC)
 
-
-def __getattr__(name: str):
-    if name not in _PUBLIC:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_PUBLIC[name]}", __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_PUBLIC})
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)

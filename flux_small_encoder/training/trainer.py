@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -154,7 +156,7 @@ class DistillationTrainer:
         if cfg.validation_prompts and self.accelerator.is_main_process:
             from .validation import Validator
 
-            with self.accelerator.autocast():
+            with self.forward_context():
                 self.validator = Validator(cfg, self.frozen, self.objective, self.trajectories.teacher_embeds,
                                            device, self.dtype)
 
@@ -174,6 +176,13 @@ class DistillationTrainer:
             start_run_folder(self.output_dir, None)
         # The schedule steps once per optimizer step; a resumed run rebuilds it at its step, from its config.
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg, self.step)
+
+    @contextmanager
+    def forward_context(self) -> Iterator[None]:
+        """What every forward pass of the run's models runs under: its precision (accelerate's autocast) and its
+        attention kernels (`attention_backend`). A backward pass uses the kernels its forward pass chose."""
+        with self.accelerator.autocast(), attention_kernels(self.config.attention_backend):
+            yield
 
     # --- train ------------------------------------------------------------------------------------------------------
 
@@ -197,7 +206,7 @@ class DistillationTrainer:
             group, first = divmod(self.step, cfg.steps_per_batch)
             trajectories = [self.make_trajectory(group, micro) for micro in range(cfg.gradient_accumulation_steps)]
             # Resuming mid-trajectory: the teacher's path does not depend on the student, so it is replayed.
-            with self.accelerator.autocast(), attention_kernels(cfg.attention_backend):
+            with self.forward_context():
                 for trajectory in trajectories:
                     self.objective.follow_teacher(trajectory, first)
 
@@ -235,8 +244,7 @@ class DistillationTrainer:
         losses = []
         for trajectory in trajectories:
             # The attention kernels of a backward pass are those its forward pass chose.
-            with self.accelerator.accumulate(self.student), self.accelerator.autocast(), \
-                    attention_kernels(self.config.attention_backend):
+            with self.accelerator.accumulate(self.student), self.forward_context():
                 student_embeds = self.student(trajectory.input_ids, output_hidden_states=False)[0]
                 outputs = self.objective(student_embeds, trajectory, step_index)
                 self.accelerator.backward(outputs["loss"])
@@ -291,11 +299,10 @@ class DistillationTrainer:
                 [self.eval_prompts[i] for i in indices], indices, guidance=cfg.eval_guidance_scale,
                 teacher_embeds=self.eval_teacher_embeds[indices], eval_noise=True,
             )
-            with self.accelerator.autocast(), attention_kernels(cfg.attention_backend):
+            with self.forward_context():
                 student_embeds = student(trajectory.input_ids, output_hidden_states=False)[0]
-            embedding_error = per_sample_mse(student_embeds, trajectory.teacher_embeds)
-            with attention_kernels(cfg.attention_backend):
                 error, relative_error = self.objective.trajectory_errors(trajectory, student_embeds)
+            embedding_error = per_sample_mse(student_embeds, trajectory.teacher_embeds)
             totals[:3] += torch.stack([error.sum(), relative_error.sum(), embedding_error.sum()])
             totals[3] += len(indices)
         totals = self.accelerator.reduce(totals, "sum")
@@ -315,7 +322,7 @@ class DistillationTrainer:
             return {}
         student = self.accelerator.unwrap_model(self.student)
         student.eval()
-        with self.accelerator.autocast(), attention_kernels(self.config.attention_backend):
+        with self.forward_context():
             numbers, grid = self.validator(student, self.step, self.output_dir)
         student.train()
         for tracker in self.accelerator.trackers:
@@ -331,7 +338,7 @@ class DistillationTrainer:
         from .validation import write_fidelity_report
 
         student = self.accelerator.unwrap_model(self.student).eval()
-        with self.accelerator.autocast(), attention_kernels(self.config.attention_backend):
+        with self.forward_context():
             write_fidelity_report(self.config, self.frozen, self.objective, self.trajectories.teacher_embeds, student,
                                   self.eval_prompts, self.accelerator.device, self.dtype, self.output_dir)
         student.train()
