@@ -186,8 +186,8 @@ def load_pipeline(
             With `memory_budget`: the image side, in pixels (the larger of height and width), the plan is made for;
             it serves every smaller image, while a larger one may exceed the budget.
         from_pretrained_kwargs:
-            Passed to `pipeline_cls.from_pretrained` (`dtype`, `revision`, `token`, ...); `token`, `cache_dir`,
-            `local_files_only` and `proxies` apply to the encoder too.
+            Passed to `pipeline_cls.from_pretrained` (`dtype`, `revision`, `token`, ...); `token`, `cache_dir`
+            and `local_files_only` apply to the encoder too.
 
     Example:
     ```py

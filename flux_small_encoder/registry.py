@@ -83,7 +83,7 @@ MODEL_FILES = [
 
 # Keyword arguments of `from_pretrained` that say where and how to fetch files, whatever is fetched: they apply to the
 # encoder (and its tokenizer) as well as to the pipeline they were given for.
-HUB_KWARGS = ("token", "cache_dir", "local_files_only", "proxies")
+HUB_KWARGS = ("token", "cache_dir", "local_files_only")
 
 
 def hub_kwargs(kwargs: dict) -> dict:
@@ -177,10 +177,8 @@ def load_encoder(
 
     resolved = encoder if isinstance(encoder, ResolvedEncoder) else resolve_encoder(encoder, revision)
     where = f"{resolved.path!r}" + (f" at revision {resolved.revision!r}" if resolved.revision else "")
-    fetching = {key: from_pretrained_kwargs[key] for key in ("token", "cache_dir", "local_files_only")
-                if key in from_pretrained_kwargs}
     try:
-        folder = fetch_encoder(resolved, **fetching)
+        folder = fetch_encoder(resolved, **hub_kwargs(from_pretrained_kwargs))
         resolve_config(read_checkpoint(folder, load_tensors=False))
         model, report = DistilledT5EncoderModel.from_pretrained(
             folder, dtype=dtype, output_loading_info=True, **from_pretrained_kwargs
