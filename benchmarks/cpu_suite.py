@@ -119,9 +119,9 @@ def main() -> None:
         kept[benchmark.name] = region(benchmark, output, date)
     if not args.update_docs:
         return
-    header = (f"Measured with `python benchmarks/cpu_suite.py --update-docs` on {machine()}; the machine is shared, so "
-              "every timing is the fastest of several repeats and the ratios are taken within one run. Each part says "
-              "the date of the run that wrote it.")
+    header = (f"Measured with `python benchmarks/cpu_suite.py --update-docs` on {machine()}; the machine is shared, "
+              "so every timing is the fastest of several repeats and the ratios are taken within one run. Each part "
+              "says the date of the run that wrote it.")
     body = "\n\n".join(kept[b.name] for b in BENCHMARKS if b.name in kept)
     PAGE.write_text(f"{head}{START}\n{header}\n\n{body}\n{END}{tail}")
     for doc in [ROOT / "README.md", *sorted(DOCS.glob("*.md"))]:

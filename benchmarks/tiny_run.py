@@ -36,7 +36,8 @@ def main() -> None:
               f"{steps[-1]['elapsed_s']:.1f} s of training")
         print(f"held-out error {held_out[0]:.2g} -> {held_out[-1]:.2g}: {held_out[0] / held_out[-1]:.1f}x lower")
         if plot is not None:
-            draw = [sys.executable, str(ROOT / "benchmarks" / "plot_metrics.py"), str(run / "metrics.jsonl"), str(plot)]
+            draw = [sys.executable, str(ROOT / "benchmarks" / "plot_metrics.py"), str(run / "metrics.jsonl"),
+                    str(plot)]
             subprocess.run(draw, check=True, stdout=subprocess.DEVNULL)
             print(f"learning curve: {plot.relative_to(ROOT) if plot.is_relative_to(ROOT) else plot}")
 

@@ -23,7 +23,7 @@ def test_quoted_figures_are_the_recorded_run(page):
     quoted = SUITE["regions"](page.read_text())
     for name, text in quoted.items():
         assert name in RECORDED, f"{page.name} quotes cpu-suite:{name}, which docs/benchmarks.md does not record"
-        assert text == RECORDED[name], f"{page.name}'s cpu-suite:{name} differs from docs/benchmarks.md: rerun the suite"
+        assert text == RECORDED[name], f"{page.name}'s cpu-suite:{name} differs from docs/benchmarks.md: rerun it"
 
 
 def test_copy_regions_rewrites_only_the_named_regions():
