@@ -8,7 +8,7 @@ see `flux_small_encoder.tiny`) picks that source; any other name is a Hub repo i
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,11 @@ class ModelSource:
     cpu_threads: int | None = None
 
 
+def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per latent along a side, from a VAE's config, as `FluxPipeline` computes it (FLUX.1's VAE: 8)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 # --- pretrained weights: a Hub repo id or a folder ------------------------------------------------------------------
 
 
@@ -98,7 +103,7 @@ def _pretrained_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> Froz
         text_encoder=CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype, **kwargs),
         tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kwargs),
         tokenizer_2=_pretrained_t5_tokenizer(config),
-        vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+        vae_scale_factor=vae_scale_factor(vae_config),
         vae=vae,
     )
 
@@ -147,7 +152,7 @@ def _tiny_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenPart
         text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"],
         tokenizer_2=parts["tokenizer_2"],
-        vae_scale_factor=2 ** (len(parts["vae"].config.block_out_channels) - 1),
+        vae_scale_factor=vae_scale_factor(parts["vae"].config),
         vae=parts["vae"],
     )
 
