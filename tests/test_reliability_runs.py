@@ -365,15 +365,51 @@ def test_a_truncated_shard_is_refused_when_the_cache_opens(tiny_cache, tmp_path,
     assert f"teacher cache shard {shard} is truncated or damaged (" in one_line_error(capsys)
 
 
-def test_verify_finds_a_shard_that_changed_on_disk(tiny_cache, tmp_path):
-    shutil.copytree(tiny_cache, tmp_path / "cache")
-    TeacherCache(tmp_path / "cache").verify()
-    shard = tmp_path / "cache" / "embeddings-00000.safetensors"
+def flip_a_bit_in_every_entry(shard: Path) -> None:
+    """A bit flip in the last byte of every embedding of a safetensors shard: its size stays the same."""
     data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
+    header_size = int.from_bytes(data[:8], "little")
+    for key, entry in json.loads(data[8 : 8 + header_size]).items():
+        if key != "__metadata__":
+            data[8 + header_size + entry["data_offsets"][1] - 1] ^= 0x01
     shard.write_bytes(data)
-    with pytest.raises(ValueError, match="does not match its checksum"):
-        TeacherCache(tmp_path / "cache").verify()
+
+
+def test_verify_teacher_cache_finds_a_shard_that_changed_on_disk(tiny_cache, tmp_path):
+    from flux_small_encoder.training import verify_teacher_cache
+
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    assert len(verify_teacher_cache(tmp_path / "cache")) == len(TeacherCache(tiny_cache))
+    shard = tmp_path / "cache" / "embeddings-00000.safetensors"
+    flip_a_bit_in_every_entry(shard)
+    with pytest.raises(ValueError, match=f"teacher cache shard {re.escape(str(shard))} does not match its checksum"):
+        verify_teacher_cache(tmp_path / "cache")
+
+
+def test_a_flipped_bit_in_a_cached_embedding_stops_training_in_one_line(tiny_cache, tmp_path, capsys):
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    shard = tmp_path / "cache" / "embeddings-00000.safetensors"
+    flip_a_bit_in_every_entry(shard)
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=2", f"teacher_cache={tmp_path / 'cache'}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert (f"teacher cache shard {shard} is damaged: the embeddings of prompt " in one_line_error(capsys))
+
+
+def test_checking_that_the_cache_covers_the_prompts_tokenizes_them_in_chunks(tiny_cache, monkeypatch):
+    from flux_small_encoder.tiny import tiny_t5_tokenizer
+    from flux_small_encoder.training import cache, load_sources
+    from flux_small_encoder.training.models import tokenize_t5
+
+    config, tokenizer, sizes = load_config("tiny"), tiny_t5_tokenizer(), []
+
+    def tokenize(prompts):
+        sizes.append(len(prompts))
+        return tokenize_t5(tokenizer, prompts, config.max_sequence_length)
+
+    monkeypatch.setattr(cache, "TOKENIZE_CHUNK", 16, raising=False)
+    prompts = load_sources(config.train_data, seed=config.seed)
+    TeacherCache(tiny_cache).check_covers(prompts, tokenize)
+    assert max(sizes) == 16 and sum(sizes) == len(set(prompts))
 
 
 def test_a_killed_cache_teacher_leaves_no_staging_folder_behind(tmp_path):
