@@ -187,7 +187,15 @@ BUILT_IN_SOURCES: dict[str, ModelSource] = {
 
 
 def model_source(name: str) -> ModelSource:
-    """The built-in source called `name`, else the source of pretrained weights (a Hub repo id or a folder)."""
+    """The built-in source called `name`, else the source of pretrained weights (a Hub repo id or a folder).
+
+    Raises:
+        ValueError: `name` is a built-in source and a folder (or file) here: which one is meant is not guessed.
+    """
+    if name in BUILT_IN_SOURCES and os.path.exists(name):
+        raise ValueError(f"{name!r} names both a built-in model source and the folder ./{name} here: write "
+                         f"./{name} (or the folder's full path) to use the folder, or run from a directory without a "
+                         f"{name!r} folder to use the built-in source.")
     return BUILT_IN_SOURCES.get(name, PRETRAINED)
 
 
@@ -243,13 +251,11 @@ def _is_cached(name: str, filename: str, revision: str | None) -> bool:
     return isinstance(try_to_load_from_cache(name, filename, revision=revision), str)
 
 
-def source_threads(config: TrainingConfig) -> int:
-    """Set torch's CPU thread count for `config.model`'s source (`tiny`: one); returns the count before, to restore."""
-    before = torch.get_num_threads()
+def set_source_threads(config: TrainingConfig) -> None:
+    """Set torch's CPU thread count for `config.model`'s source (`tiny`: one; pretrained weights: left as it is)."""
     threads = model_source(config.model).cpu_threads
     if threads:
         torch.set_num_threads(threads)
-    return before
 
 
 def load_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenParts:
