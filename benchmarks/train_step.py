@@ -114,7 +114,7 @@ def main():
 
     def floor_step():
         embeds = trajectory.teacher_embeds.detach().clone().requires_grad_()
-        with trainer.accelerator.autocast():
+        with trainer.forward_context():  # the trainer's precision and attention kernels (not cuDNN's on Hopper)
             with torch.no_grad():
                 teacher_pred = objective.predict(trajectory, trajectory.teacher_embeds, 1)
             student_pred = objective.predict(trajectory, embeds, 1)

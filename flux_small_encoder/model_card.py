@@ -18,8 +18,8 @@ from typing import Any
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .provenance import TRAINING_CONFIG_NAME
 from .registry import is_repo_id
-from .training.config import STUDENT_CONFIG_NAME as TRAINING_CONFIG_NAME  # the trainer's provenance file
 
 LIBRARY_NAME = "flux-small-encoder"
 CARD_TAGS = ("flux", "text-encoder", "t5", "distillation", "diffusers", "flux-small-encoder")

@@ -14,7 +14,7 @@ from .configuration import DistilledT5Config
 from .modeling import DistilledT5EncoderModel
 
 JOINT_ATTENTION_DIM = 32
-T5_VOCAB_SIZE = 320  # the tiny T5 tokenizer has 3 specials + 118 pieces + 100 sentinel ids
+T5_VOCAB_SIZE = 320  # above the tiny T5 tokenizer's 237 ids: 3 specials + 134 pieces + 100 sentinels
 _WORDS = (
     "a an the of and with on in at that says cat dog sign red blue green yellow cube sphere left right above below "
     "two three four small large photo painting board hello world text holding wooden metal glass"

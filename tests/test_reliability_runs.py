@@ -154,6 +154,52 @@ def test_latest_after_an_explicit_resume_continues_the_new_branch(tmp_path, caps
     assert metric_steps(aside) == [5, 6, 7, 8, 9, 10]
 
 
+def metric_lines(folder: Path) -> dict[int, dict]:
+    """The training lines of `folder/metrics.jsonl` by step."""
+    lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {line["step"]: line for line in lines if "loss" in line}
+
+
+def start_only(config) -> DistillationTrainer:
+    """Set a run up and let it go, as a run killed before its first new checkpoint leaves its folder."""
+    trainer = DistillationTrainer(config)
+    trainer.setup()
+    trainer.cleanup()
+    return trainer
+
+
+def test_resuming_an_abandoned_checkpoint_sets_the_current_branch_aside(tmp_path):
+    out = tmp_path / "run"
+    args = ["max_steps=8", "checkpointing_steps=2"]
+    train(tiny(out, *args))
+    # Back to checkpoint-4 on other prompts: the old 6 and 8 go to abandoned-1; the new branch reaches checkpoint-6.
+    run_killed(lambda: train(tiny(out, *args, f"resume_from_checkpoint={out / 'checkpoint-4'}", "seed=3")),
+               DistillationTrainer, "log", when=lambda trainer, metrics: metrics["step"] == 7)
+    old = metric_lines(out / "abandoned-1")
+
+    # Getting the abandoned work back: its checkpoint-8's history is 2 and 4 here, then 6 and 8 there.
+    start_only(tiny(out, "max_steps=10", "checkpointing_steps=2", f"resume_from_checkpoint={out / 'abandoned-1'}/"
+                                                                    "checkpoint-8"))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert sorted(p.name for p in (out / "abandoned-2").iterdir()) == ["checkpoint-6", "metrics.jsonl"]
+    assert metric_steps(out / "abandoned-2") == [5, 6]
+    lines = metric_lines(out)
+    assert sorted(lines) == list(range(1, 9)) and all(lines[step] == old[step] for step in (5, 6, 7, 8))
+
+
+def test_resuming_another_runs_checkpoint_sets_this_folders_run_aside(finished_run, tmp_path):
+    other = Path(shutil.copytree(finished_run, tmp_path / "other"))
+    out = tmp_path / "run"
+    train(tiny(out, "max_steps=2", "checkpointing_steps=2", "seed=3"))
+    mine = metric_lines(out)
+
+    start_only(tiny(out, "max_steps=6", f"resume_from_checkpoint={other / 'checkpoint-4'}"))
+    assert not list(out.glob("checkpoint-*"))  # `latest` cannot pick a checkpoint of this folder's own run
+    assert sorted(p.name for p in (out / "abandoned-1").iterdir()) == ["checkpoint-2", "final", "metrics.jsonl"]
+    assert metric_lines(out / "abandoned-1") == mine
+    assert metric_lines(out) == metric_lines(other)  # the history of the checkpoint it continues
+
+
 # --- 3. one run per folder -------------------------------------------------------------------------------------------
 
 
@@ -186,6 +232,25 @@ def test_the_lock_of_a_killed_run_does_not_block_the_next(tmp_path):
     assert json.loads((out / ".lock").read_text())["pid"] != os.getpid()  # the dead holder's name is still there
     train(tiny(out, "max_steps=4", "resume_from_checkpoint=latest"))
     assert metric_steps(out) == [1, 2, 3, 4] and not (out / ".lock").exists()
+
+
+def test_a_new_holder_taking_the_folder_while_the_lock_lets_go_is_left_alone(tmp_path, monkeypatch):
+    from flux_small_encoder.training.run_folder import RunFolderInUseError, RunLock
+
+    folder = tmp_path / "run"
+    first, second = RunLock(folder).acquire(), RunLock(folder)
+    rmdir = Path.rmdir
+
+    def a_new_holder_first(path):  # between the release's unlink of .lock and its removal of the empty folder
+        second.acquire()
+        rmdir(path)
+
+    monkeypatch.setattr(Path, "rmdir", a_new_holder_first)
+    first.release()
+    monkeypatch.undo()
+    with pytest.raises(RunFolderInUseError):  # the new holder still holds it
+        RunLock(folder).acquire()
+    second.release()
 
 
 # --- 4. replacing and removing folders under kills ------------------------------------------------------------------
@@ -273,6 +338,26 @@ def test_resuming_with_another_student_or_lora_is_refused_in_one_line(tmp_path, 
     assert snapshot(out) == before
 
 
+def test_a_moved_pipeline_folder_resumes_and_another_pipeline_is_refused(tmp_path, capsys):
+    from flux_small_encoder.tiny import tiny_flux_pipeline
+
+    tiny_flux_pipeline(seed=0).save_pretrained(tmp_path / "pipe")
+    out, args = tmp_path / "run", [*QUICK, "checkpointing_steps=2", f"output_dir={tmp_path / 'run'}"]
+    train(tiny(out, "max_steps=2", "checkpointing_steps=2", f"model={tmp_path / 'pipe'}"))
+    (tmp_path / "pipe").rename(tmp_path / "moved")  # the same weights under another path
+    assert main(["train", "--config", "tiny", *args, "max_steps=4", f"model={tmp_path / 'moved'}",
+                 "resume_from_checkpoint=latest"]) == 0
+
+    tiny_flux_pipeline(seed=1).save_pretrained(tmp_path / "other")
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *args, "max_steps=6", f"model={tmp_path / 'other'}",
+                 "resume_from_checkpoint=latest"]) == 2
+    assert (f"{out / 'checkpoint-4'} was trained with model='{tmp_path / 'moved'}', this run has "
+            f"model='{tmp_path / 'other'}'") in one_line_error(capsys)
+    assert snapshot(out) == before
+
+
 def test_resuming_a_student_of_another_size_names_the_first_weight_in_one_line(run):
     from flux_small_encoder.tiny import tiny_student
 
@@ -293,6 +378,40 @@ def test_a_moved_run_resumes_in_the_folder_it_sits_in(finished_run, tmp_path):
                  "resume_from_checkpoint=latest"]) == 0
     assert snapshot(finished_run) == before
     assert (tmp_path / "b" / "checkpoint-6").is_dir() and metric_steps(tmp_path / "b") == [1, 2, 3, 4, 5, 6]
+
+
+@pytest.mark.parametrize("kept", ["final", "metrics.jsonl", "config.yaml"])
+def test_a_fresh_run_is_refused_where_an_earlier_run_left_anything_but_checkpoints(run, capsys, kept):
+    out = run
+    for path in out.iterdir():  # the checkpoints deleted, and all but one of the rest
+        if path.name != kept:
+            atomic.remove(path)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=2", f"output_dir={out}"]) == 2
+    assert (f"{out} holds an earlier run ({kept}) with no checkpoint to continue from: give a new output_dir, or "
+            "move those out of it to start afresh there (nothing was overwritten).") in one_line_error(capsys)
+    assert snapshot(out) == before
+
+
+def test_a_runs_config_yaml_starts_no_resume_of_its_own(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["max_steps=4", "checkpointing_steps=2"]
+    train(tiny(out, *args))
+    train(tiny(out, *args, f"resume_from_checkpoint={out / 'checkpoint-2'}", "seed=3"))
+    for saved in (out / "config.yaml", out / "final" / "training_config.yaml", out / "checkpoint-4" / "config.yaml",
+                  out / "checkpoint-4" / "student" / "training_config.yaml"):
+        assert yaml.safe_load(saved.read_text())["resume_from_checkpoint"] is None, saved
+    # Without a resume, the run's own config.yaml is a fresh run into a folder that holds one: refused.
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--config", str(out / "config.yaml"), "max_steps=8"]) == 2
+    assert f"{out} holds an earlier run (checkpoint-2, checkpoint-4, " in one_line_error(capsys)
+    assert snapshot(out) == before
+    # With `latest`, it continues from the newest checkpoint: the one just trained, not the one resumed before.
+    assert main(["train", "--config", str(out / "config.yaml"), "max_steps=8", "resume_from_checkpoint=latest"]) == 0
+    assert f"resuming from {out / 'checkpoint-4'} at step 4" in capsys.readouterr().out
+    assert metric_steps(out) == list(range(1, 9)) and not (out / "abandoned-2").exists()
 
 
 def test_max_steps_below_the_checkpoint_is_refused_and_final_is_kept(run, capsys):
@@ -365,15 +484,51 @@ def test_a_truncated_shard_is_refused_when_the_cache_opens(tiny_cache, tmp_path,
     assert f"teacher cache shard {shard} is truncated or damaged (" in one_line_error(capsys)
 
 
-def test_verify_finds_a_shard_that_changed_on_disk(tiny_cache, tmp_path):
-    shutil.copytree(tiny_cache, tmp_path / "cache")
-    TeacherCache(tmp_path / "cache").verify()
-    shard = tmp_path / "cache" / "embeddings-00000.safetensors"
+def flip_a_bit_in_every_entry(shard: Path) -> None:
+    """A bit flip in the last byte of every embedding of a safetensors shard: its size stays the same."""
     data = bytearray(shard.read_bytes())
-    data[-1] ^= 0xFF
+    header_size = int.from_bytes(data[:8], "little")
+    for key, entry in json.loads(data[8 : 8 + header_size]).items():
+        if key != "__metadata__":
+            data[8 + header_size + entry["data_offsets"][1] - 1] ^= 0x01
     shard.write_bytes(data)
-    with pytest.raises(ValueError, match="does not match its checksum"):
-        TeacherCache(tmp_path / "cache").verify()
+
+
+def test_verify_teacher_cache_finds_a_shard_that_changed_on_disk(tiny_cache, tmp_path):
+    from flux_small_encoder.training import verify_teacher_cache
+
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    assert len(verify_teacher_cache(tmp_path / "cache")) == len(TeacherCache(tiny_cache))
+    shard = tmp_path / "cache" / "embeddings-00000.safetensors"
+    flip_a_bit_in_every_entry(shard)
+    with pytest.raises(ValueError, match=f"teacher cache shard {re.escape(str(shard))} does not match its checksum"):
+        verify_teacher_cache(tmp_path / "cache")
+
+
+def test_a_flipped_bit_in_a_cached_embedding_stops_training_in_one_line(tiny_cache, tmp_path, capsys):
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    shard = tmp_path / "cache" / "embeddings-00000.safetensors"
+    flip_a_bit_in_every_entry(shard)
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=2", f"teacher_cache={tmp_path / 'cache'}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert (f"teacher cache shard {shard} is damaged: the embeddings of prompt " in one_line_error(capsys))
+
+
+def test_checking_that_the_cache_covers_the_prompts_tokenizes_them_in_chunks(tiny_cache, monkeypatch):
+    from flux_small_encoder.tiny import tiny_t5_tokenizer
+    from flux_small_encoder.training import cache, load_sources
+    from flux_small_encoder.training.models import tokenize_t5
+
+    config, tokenizer, sizes = load_config("tiny"), tiny_t5_tokenizer(), []
+
+    def tokenize(prompts):
+        sizes.append(len(prompts))
+        return tokenize_t5(tokenizer, prompts, config.max_sequence_length)
+
+    monkeypatch.setattr(cache, "TOKENIZE_CHUNK", 16, raising=False)
+    prompts = load_sources(config.train_data, seed=config.seed)
+    TeacherCache(tiny_cache).check_covers(prompts, tokenize)
+    assert max(sizes) == 16 and sum(sizes) == len(set(prompts))
 
 
 def test_a_killed_cache_teacher_leaves_no_staging_folder_behind(tmp_path):
@@ -430,6 +585,16 @@ def test_training_a_model_that_is_not_cached_offline_says_what_to_download(tmp_p
     assert ('`hf download black-forest-labs/FLUX.1-dev --include "tokenizer_2/*" --include "text_encoder_2/*"`'
             in one_line_error(capsys))
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_built_in_model_name_that_is_also_a_folder_here_is_refused(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiny").mkdir()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=1", "output_dir=run"]) == 2
+    assert ("'tiny' names both a built-in model source and the folder ./tiny here: write ./tiny (or the folder's full "
+            "path) to use the folder, or run from a directory without a 'tiny' folder to use the built-in source."
+            ) in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def _full_disk(tensors, filename, metadata=None):

@@ -248,3 +248,11 @@ def test_a_bad_lora_block_fails_at_config_time_naming_the_field(override, messag
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         load_config("tiny", ["student_init=t5", override])
     assert "\n" not in str(error.value)
+
+
+def test_the_model_card_convert_and_hub_do_not_load_the_training_package():
+    code = ("import sys, flux_small_encoder.model_card, flux_small_encoder.convert, flux_small_encoder.hub; "
+            "print(sorted(name for name in sys.modules if name.startswith('flux_small_encoder.training')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).parents[1])
+    assert result.stdout.strip() == "[]"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -101,7 +102,7 @@ def test_resuming_from_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path,
     # Steps 3 and 4 again from checkpoint-2, on other prompts: the first checkpoint-4 is kept aside, not refused.
     capsys.readouterr()
     train(load_config("tiny", [*args, f"resume_from_checkpoint={out / 'checkpoint-2'}", "seed=5"]))
-    assert (f"resuming from {out / 'checkpoint-2'} at step 2 (resume_from_checkpoint names it); the later "
+    assert (f"resuming from {out / 'checkpoint-2'} at step 2 (resume_from_checkpoint names it); the "
             f"checkpoints it abandons are kept in {out / 'abandoned-1'}") in capsys.readouterr().out
     second = weights(out / "checkpoint-4" / "student")
     assert any(not torch.equal(first[key], second[key]) for key in first)
@@ -217,6 +218,40 @@ def test_two_processes_match_one(tmp_path):
     assert ddp_loss == pytest.approx(single_loss, rel=1e-3)
     for key, value in weights(single).items():
         torch.testing.assert_close(ranks[0][key], value, rtol=1e-3, atol=1e-5)
+
+
+def _run_process_group(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run `command` in its own process group; if it hangs past `timeout`, kill the whole group and fail."""
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the processes still ran after {timeout} s (one waits for the other): {stderr[-3000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_checkpoints_of_two_processes_need_no_shared_disk_and_a_failure_stops_both(tmp_path):
+    out = tmp_path / "run"
+    args = [*QUICK, "max_steps=4", "num_inference_steps=2", "checkpointing_steps=2", "train_batch_size=4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+               str(_free_port()), str(Path(__file__).with_name("_distributed_checkpoint.py")), str(out),
+               str(tmp_path), *args]
+    result = _run_process_group(command, env, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # checkpoint-2: both ranks' generator states, written by the main process alone.
+    assert sorted(p.name for p in (out / "checkpoint-2" / "state").glob("rng-*")) == [
+        "rng-0.safetensors", "rng-1.safetensors"
+    ]
+    # checkpoint-4: the main process's disk filled up, and both ranks stopped with its error.
+    reports = [(tmp_path / f"rank{rank}.txt").read_text() for rank in (0, 1)]
+    assert reports[0] == reports[1], reports
+    assert reports[0].startswith(f"DiskFullError: the disk of {out} is full: checkpoint-4 could not be written")
+    assert not (out / "checkpoint-4").exists()
 
 
 def test_bf16_with_gradient_checkpointing_and_accumulation(tmp_path):

@@ -47,6 +47,16 @@ def test_schedule_is_the_pipelines(make_pipe):
     torch.testing.assert_close(sigmas, pipe.scheduler.sigmas, rtol=0, atol=0)
 
 
+def test_the_vae_scale_factor_is_the_one_flux_pipeline_computes(make_pipe):
+    import json
+    from importlib import resources
+
+    pipe = make_pipe()
+    assert models.vae_scale_factor(pipe.vae.config) == pipe.vae_scale_factor
+    flux_dev = json.loads((resources.files("flux_small_encoder") / "data" / "flux1-dev.json").read_text())
+    assert models.vae_scale_factor(flux_dev["components"]["vae"]["config"]) == 8
+
+
 def test_flux_dev_resolution_shift_by_hand():
     from diffusers import FlowMatchEulerDiscreteScheduler
 

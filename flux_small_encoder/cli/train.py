@@ -53,7 +53,7 @@ def _config_help() -> str:
 
     lines = [
         "or start the processes yourself:",
-        "  accelerate launch --multi_gpu --num_processes 8 -m flux_small_encoder.train --config stage1-compbench ...",
+        "  accelerate launch --multi_gpu --num_processes 8 -m flux_small_encoder.training --config stage1-compbench",
         "",
         f"shipped configs: {', '.join(SHIPPED_CONFIGS)}",
         "fields (set in the YAML file or as key=value):",

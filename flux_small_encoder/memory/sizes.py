@@ -250,7 +250,9 @@ def _vae_geometry(config) -> dict[str, int]:
     sample_size = config.sample_size
     if isinstance(sample_size, (list, tuple)):
         sample_size = min(sample_size)
-    return {"vae_sample_size": sample_size, "vae_scale_factor": 2 ** (len(config.block_out_channels) - 1)}
+    from ..training.models import vae_scale_factor
+
+    return {"vae_sample_size": sample_size, "vae_scale_factor": vae_scale_factor(config)}
 
 
 @contextlib.contextmanager

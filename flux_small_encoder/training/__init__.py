@@ -22,7 +22,7 @@ from ..lazy import lazy_exports
 
 # Public name -> the module that defines it.
 _PUBLIC = {
-    "TeacherCache": "cache", "cache_teacher": "cache", "write_teacher_cache": "cache",
+    "TeacherCache": "cache", "cache_teacher": "cache", "verify_teacher_cache": "cache", "write_teacher_cache": "cache",
     "SHIPPED_CONFIGS": "config", "PromptSource": "config", "TrainingConfig": "config", "load_config": "config",
     "PromptFileError": "data", "PromptStream": "data", "load_sources": "data", "read_prompts": "data",
     "NaiveDistillation": "distill", "Trajectory": "distill", "VisionDistillation": "distill",

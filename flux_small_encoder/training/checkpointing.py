@@ -5,16 +5,19 @@
       adapter/             with LoRA: the peft adapter folder (student/ then holds the adapters merged in)
       state/               student, optimizer and random generator states, without pickle (see state.py)
       config.yaml          the run's resolved configuration
-      trainer_state.json   the step, and the run's resumes so far (from which checkpoint, what changed)
+      trainer_state.json   the step, the lineage (see run_folder.py), the resumes so far (from which checkpoint, what
+                           changed) and the fingerprint of the pipeline's weights
 
-`write_checkpoint` has the main process stage each checkpoint in a folder that `atomic_folder` renames when complete;
-every process adds its own generator states to it first.
+`write_checkpoint` has the main process write each checkpoint into a folder that `atomic_folder` renames when
+complete, with the generator states the other processes send it: they write nothing, so writing needs no shared
+filesystem (resuming does: every process reads the checkpoint). If the main process fails, every process raises its
+error.
 
 What a resumed run may change, field by field (`resume_changes`):
 
 - refused (`REFUSED_ON_RESUME`): `model`, `student`, `student_init`, `lora`. The checkpoint's student and optimizer
   state belong to them; to continue its weights under other ones, start a new run from its `student/` folder with
-  `student_init=distilled`.
+  `student_init=distilled`. A `model` folder that moved is the same model when its weights are (`fingerprint.py`).
 - applied (`APPLIED_ON_RESUME`): the optimizer's and the schedule's hyper-parameters, `max_steps`, `max_grad_norm`.
   The resumed run uses the new values from its first step on and says so in one line.
 - warned (`DIVERGING_ON_RESUME`): what decides the prompts, noise, guidance and loss of each step. The run continues,
@@ -30,7 +33,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
-from contextlib import nullcontext
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,9 +41,28 @@ import yaml
 from torch import nn
 
 from ..atomic import atomic_folder, remove
-from .config import CONFIG_NAME, STUDENT_CONFIG_NAME, TrainingConfig
-from .run_folder import CHECKPOINT_PREFIX, STATE_NAME, list_checkpoints, start_run_folder
-from .state import apply_optimizer_config, load_training_state, refuse_pickles, save_rng_state, save_training_state
+from ..provenance import TRAINING_CONFIG_NAME
+from .config import TrainingConfig
+from .fingerprint import pipeline_fingerprint
+from .run_folder import (
+    CHECKPOINT_PREFIX,
+    CONFIG_NAME,
+    FINAL_NAME,
+    STATE_NAME,
+    checkpoint_lineage,
+    earlier_run,
+    list_checkpoints,
+    start_run_folder,
+    writing_into,
+)
+from .state import (
+    apply_optimizer_config,
+    load_training_state,
+    refuse_pickles,
+    rng_state,
+    save_rng_states,
+    save_training_state,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +87,16 @@ class Resume:
         step: Its step.
         reason: Why it was picked, for the line the run prints.
         history: The resumes recorded in its `trainer_state.json`.
+        lineage: The sessions that led to it (see `run_folder.new_session`).
+        model_fingerprint: The fingerprint of the pipeline it was trained against, if its weights were local.
     """
 
     path: Path
     step: int
     reason: str
     history: list[dict] = field(default_factory=list)
+    lineage: list[dict] = field(default_factory=list)
+    model_fingerprint: str | None = None
 
 
 def checkpoint_folder(output_dir: Path, step: int) -> Path:
@@ -87,13 +113,16 @@ def save_student(student: nn.Module, folder: Path, config: TrainingConfig, adapt
         student.save_pretrained(adapter_folder)
         student = copy.deepcopy(student).merge_and_unload()
     student.save_pretrained(folder)
-    config.save(folder, STUDENT_CONFIG_NAME)
+    config.save(folder, TRAINING_CONFIG_NAME)
 
 
 def write_checkpoint(
-    accelerator, folder: Path, student: nn.Module, optimizer, config: TrainingConfig, step: int, history: list[dict]
+    accelerator, folder: Path, student: nn.Module, optimizer, config: TrainingConfig, state: dict
 ) -> None:
     """Write the checkpoint `folder` atomically, every process's generator states included (a collective call).
+
+    The main process writes everything; the others send it their generator states. If the main process fails (a
+    full disk: `DiskFullError`), every process raises its error, so none waits for the others.
 
     Args:
         accelerator: The run's `Accelerator`.
@@ -101,22 +130,47 @@ def write_checkpoint(
         student: The prepared student.
         optimizer: The prepared optimizer.
         config: The run's configuration.
-        step: The step.
-        history: The run's resumes so far (see `restore`).
+        state: What `trainer_state.json` records: `step`, `lineage`, `resumes`, `model_fingerprint`.
     """
-    from accelerate.utils import broadcast_object_list
+    from accelerate.utils import broadcast_object_list, gather_object
 
-    main = accelerator.is_main_process
-    with atomic_folder(folder, replace=True) if main else nullcontext() as staging:
-        staging = broadcast_object_list([staging])[0]
-        save_rng_state(staging / "state", accelerator.process_index)
-        if main:
-            student = accelerator.unwrap_model(student)
-            save_training_state(staging / "state", student, optimizer)
-            save_student(student, staging / "student", config, adapter_folder=staging / "adapter")
-            config.save(staging)
-            (staging / STATE_NAME).write_text(json.dumps({"step": step, "resumes": history}, indent=2))
-        accelerator.wait_for_everyone()
+    rng_states, error = gather_object([rng_state()]), None
+    if accelerator.is_main_process:
+        try:
+            with writing_into(folder.parent, folder.name), atomic_folder(folder, replace=True) as staging:
+                student = accelerator.unwrap_model(student)
+                save_rng_states(staging / "state", rng_states)
+                save_training_state(staging / "state", student, optimizer)
+                save_student(student, staging / "student", config, adapter_folder=staging / "adapter")
+                config.save(staging)
+                (staging / STATE_NAME).write_text(json.dumps(state, indent=2))
+        except Exception as failure:
+            error = failure
+    shared = broadcast_object_list([None if error is None else _portable(error)])[0]
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+
+
+def _portable(error: Exception) -> Exception:
+    """`error` as the other processes will receive it (torch.distributed pickles the objects it sends): itself, or a
+    `RuntimeError` with its message when it does not survive the trip."""
+    try:
+        return pickle.loads(pickle.dumps(error))
+    except Exception:
+        return RuntimeError(f"{type(error).__name__}: {error}")
+
+
+def write_final(accelerator, output_dir: Path, student: nn.Module, config: TrainingConfig) -> Path:
+    """Write `output_dir/final`, the student's `save_pretrained` folder (see `save_student`), atomically (main
+    process; a collective call); returns it."""
+    final = Path(output_dir) / FINAL_NAME
+    if accelerator.is_main_process:
+        with writing_into(output_dir, f"{FINAL_NAME}/"), atomic_folder(final, replace=True) as staging:
+            save_student(accelerator.unwrap_model(student), staging, config, adapter_folder=staging / "adapter")
+    accelerator.wait_for_everyone()
+    return final
 
 
 def prune_checkpoints(output_dir: Path, limit: int | None) -> None:
@@ -130,17 +184,21 @@ def find_resume_checkpoint(config: TrainingConfig) -> Resume | None:
     """The checkpoint `config.resume_from_checkpoint` names (`latest`: the newest in `output_dir`), or `None`.
 
     Raises:
-        FileExistsError: `output_dir` holds checkpoints but the run does not resume (nothing is overwritten).
+        FileExistsError: The run does not resume, and `output_dir` holds what an earlier run left (checkpoints,
+            `final/`, `metrics.jsonl` or `config.yaml`): nothing is overwritten.
         FileNotFoundError: There is no such checkpoint.
         ValueError: The checkpoint carries a pickle (see `state.refuse_pickles`).
     """
     output_dir, choice = Path(config.output_dir), config.resume_from_checkpoint
     if choice is None:
-        if list_checkpoints(output_dir):
-            raise FileExistsError(
-                f"{output_dir} holds checkpoints of an earlier run: continue it with resume_from_checkpoint=latest, "
-                "or give a new output_dir (nothing was overwritten)."
-            )
+        found = earlier_run(output_dir)
+        if found and list_checkpoints(output_dir):
+            raise FileExistsError(f"{output_dir} holds an earlier run ({', '.join(found)}): continue it with "
+                                  "resume_from_checkpoint=latest, or give a new output_dir (nothing was overwritten).")
+        if found:
+            raise FileExistsError(f"{output_dir} holds an earlier run ({', '.join(found)}) with no checkpoint to "
+                                  "continue from: give a new output_dir, or move those out of it to start afresh "
+                                  "there (nothing was overwritten).")
         return None
     if choice == "latest":
         found = list_checkpoints(output_dir)
@@ -153,7 +211,8 @@ def find_resume_checkpoint(config: TrainingConfig) -> Resume | None:
         raise FileNotFoundError(f"{path} is not a checkpoint of this trainer (no {STATE_NAME}).")
     refuse_pickles(path)
     state = json.loads((path / STATE_NAME).read_text())
-    return Resume(path, state["step"], reason, state.get("resumes", []))
+    return Resume(path, state["step"], reason, state.get("resumes", []), checkpoint_lineage(path),
+                  state.get("model_fingerprint"))
 
 
 def resume_changes(resume: Resume, config: TrainingConfig) -> dict[str, list]:
@@ -172,6 +231,10 @@ def resume_changes(resume: Resume, config: TrainingConfig) -> dict[str, list]:
         return {}
     saved, current = yaml.safe_load(saved_path.read_text()), config.to_dict()
     changed = {key: [saved[key], current[key]] for key in current if key in saved and saved[key] != current[key]}
+    if "model" in changed and resume.model_fingerprint is not None and (
+        resume.model_fingerprint == pipeline_fingerprint(config.model, config.revision)
+    ):
+        del changed["model"]  # the same weights elsewhere: a moved folder, or a local copy of the Hub repo
     refused = [key for key in REFUSED_ON_RESUME if key in changed]
     if refused:
         key = refused[0]
@@ -197,7 +260,9 @@ def restore(accelerator, resume: Resume, student: nn.Module, optimizer, config: 
     """
     load_training_state(resume.path / "state", accelerator.unwrap_model(student), optimizer, accelerator.process_index)
     apply_optimizer_config(optimizer, config)
-    aside = start_run_folder(Path(config.output_dir), resume.step) if accelerator.is_main_process else None
+    aside = None
+    if accelerator.is_main_process:
+        aside = start_run_folder(Path(config.output_dir), resume.path, resume.step, resume.lineage)
     accelerator.wait_for_everyone()
     accelerator.print(_resume_message(resume, changes, aside, config.max_steps))
     return [*resume.history, {"from": str(resume.path), "step": resume.step, "changed": changes}]
@@ -207,7 +272,7 @@ def _resume_message(resume: Resume, changes: dict[str, list], aside: Path | None
     """The one line a resumed run prints: which checkpoint and why, what it set aside, what it changed."""
     line = f"resuming from {resume.path} at step {resume.step} ({resume.reason})"
     if aside is not None:
-        line += f"; the later checkpoints it abandons are kept in {aside}"
+        line += f"; the checkpoints it abandons are kept in {aside}"
     if changes:
         changed = ", ".join(f"{key}={new!r} (was {old!r})" for key, (old, new) in changes.items())
         line += f"; applied from step {resume.step + 1} on: {changed}"

@@ -21,14 +21,11 @@ import yaml
 
 from ..atomic import write_text_atomically
 from .lora_block import check_lora, move_flat_lora_keys
-from .run_folder import METRICS_NAME, list_checkpoints
+from .run_folder import CONFIG_NAME, METRICS_NAME, list_checkpoints
 
 logger = logging.getLogger(__name__)
 
 SHIPPED_CONFIGS = ("tiny", "stage1-compbench", "stage2-commontext", "stage3-mixed")
-CONFIG_NAME = "config.yaml"
-# The name of the resolved config inside a student folder, so that a model folder carries its own provenance.
-STUDENT_CONFIG_NAME = "training_config.yaml"
 
 
 @dataclass
@@ -176,7 +173,9 @@ class TrainingConfig:
         default=None, metadata={"help": "Keep only this many most recent checkpoints (default: all)."}
     )
     resume_from_checkpoint: str | None = field(
-        default=None, metadata={"help": "A checkpoint folder, or `latest` for the newest one in `output_dir`."}
+        default=None,
+        metadata={"help": "A checkpoint folder, or `latest` for the newest one in `output_dir`. Saved configs record "
+                  "null: each checkpoint's trainer_state.json names the checkpoints its run resumed from."},
     )
     eval_steps: int = field(default=250, metadata={"help": "Run the held-out evaluation every this many steps."})
     eval_guidance_scale: float = field(default=3.5, metadata={"help": "Guidance of the evaluation trajectories."})
@@ -248,8 +247,13 @@ class TrainingConfig:
         return dataclasses.asdict(self)
 
     def save(self, folder: str | os.PathLike, name: str = CONFIG_NAME) -> Path:
-        """Write the resolved configuration to `folder/name` (default `config.yaml`), atomically."""
-        return write_text_atomically(Path(folder) / name, yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write the resolved configuration to `folder/name` (default `config.yaml`), atomically.
+
+        `resume_from_checkpoint` is saved as null: the file is itself a valid `--config`, and a run started from it
+        must not resume again from the checkpoint this one resumed from (give `resume_from_checkpoint=latest`).
+        """
+        values = {**self.to_dict(), "resume_from_checkpoint": None}
+        return write_text_atomically(Path(folder) / name, yaml.safe_dump(values, sort_keys=False))
 
 
 def _union_args(hint) -> tuple:

@@ -1,16 +1,18 @@
-"""The teacher's identity by content: its config and a fingerprint of its weights that reads a few MiB, not gigabytes.
+"""Models identified by content: their config and a fingerprint of their weights that reads a few MiB, not gigabytes.
 
-A teacher cache records the teacher it was written with; a run checks its own teacher against that record. The path
-or repo id alone would accept the same path holding other weights (stale embeddings) and refuse the same teacher
-under another spelling (a relative path, a copy). The fingerprint hashes:
+A teacher cache records the teacher it was written with; a run checks its own teacher against that record. A
+checkpoint records the pipeline (`model`) it was trained against, so that a resume accepts the same pipeline in a
+folder that moved. The path or repo id alone would accept the same path holding other weights (stale embeddings) and
+refuse the same model under another spelling (a relative path, a copy). The fingerprint hashes:
 
-- the teacher's `config.json` (without `_name_or_path` and `transformers_version`, which differ between copies),
+- the model's `config.json` (without `_name_or_path` and `transformers_version`, which differ between copies),
 - for every weight file, in name order: its size, its whole safetensors header (each tensor's name, dtype, shape and
   offsets) and 64 KiB read at 16 evenly spaced places.
 
 That is under 3 MiB read for T5-XXL's 9.5 GB, at every training start. Weights that were retrained, fine-tuned,
 converted or truncated change it; an edit confined to the bytes between the samples would not, which is the price of
-not reading gigabytes. A built-in source (`tiny`) is built in memory and all its tensors are hashed.
+not reading gigabytes. A built-in teacher (`tiny`) is built in memory and all its tensors are hashed. A pipeline is
+identified by its transformer's and CLIP's folders; a built-in one by its name.
 """
 
 from __future__ import annotations
@@ -56,6 +58,18 @@ def teacher_identity(config: TrainingConfig) -> TeacherIdentity:
     return TeacherIdentity(name, folder_fingerprint(folder) if folder else None)
 
 
+def pipeline_fingerprint(name: str, revision: str | None = None) -> str | None:
+    """The fingerprint of a FLUX pipeline's frozen models with weights (its transformer and CLIP), or `None` when they
+    are not on this machine or `name` is a built-in source (whose name says it all)."""
+    if model_source(name) is not PRETRAINED:
+        return None
+    prints = []
+    for subfolder in ("transformer", "text_encoder"):
+        folder = _local_folder(name, subfolder, revision)
+        prints.append(folder_fingerprint(folder) if folder else None)
+    return None if None in prints else hashlib.sha256(":".join(prints).encode()).hexdigest()
+
+
 def folder_fingerprint(folder: Path) -> str | None:
     """The fingerprint of a model folder's `config.json` and weights, or `None` if either is missing."""
     config_path = folder / "config.json"
@@ -93,10 +107,15 @@ def module_fingerprint(module: nn.Module) -> str:
 
 def _teacher_folder(config: TrainingConfig) -> Path | None:
     """The local folder of the teacher's files (a folder, or the Hub cache's snapshot), or `None` if not here."""
+    if config.teacher:
+        return _local_folder(config.teacher, "", None)
+    return _local_folder(config.model, "text_encoder_2", config.revision)
+
+
+def _local_folder(name: str, subfolder: str, revision: str | None) -> Path | None:
+    """The local folder of `name`'s `subfolder` (in a folder, or the Hub cache's snapshot), or `None` if not here."""
     from huggingface_hub import try_to_load_from_cache
 
-    name, subfolder = (config.teacher, "") if config.teacher else (config.model, "text_encoder_2")
-    revision = None if config.teacher else config.revision
     if os.path.isdir(name):
         return Path(name) / subfolder
     if not is_repo_id(name):

@@ -8,7 +8,7 @@ see `flux_small_encoder.tiny`) picks that source; any other name is a Hub repo i
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +78,11 @@ class ModelSource:
     cpu_threads: int | None = None
 
 
+def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
+    """Pixels per latent along a side, from a VAE's config, as `FluxPipeline` computes it (FLUX.1's VAE: 8)."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 # --- pretrained weights: a Hub repo id or a folder ------------------------------------------------------------------
 
 
@@ -98,7 +103,7 @@ def _pretrained_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> Froz
         text_encoder=CLIPTextModel.from_pretrained(name, subfolder="text_encoder", dtype=dtype, **kwargs),
         tokenizer=AutoTokenizer.from_pretrained(name, subfolder="tokenizer", **kwargs),
         tokenizer_2=_pretrained_t5_tokenizer(config),
-        vae_scale_factor=2 ** (len(vae_config["block_out_channels"]) - 1),
+        vae_scale_factor=vae_scale_factor(vae_config),
         vae=vae,
     )
 
@@ -147,7 +152,7 @@ def _tiny_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenPart
         text_encoder=parts["text_encoder"],
         tokenizer=parts["tokenizer"],
         tokenizer_2=parts["tokenizer_2"],
-        vae_scale_factor=2 ** (len(parts["vae"].config.block_out_channels) - 1),
+        vae_scale_factor=vae_scale_factor(parts["vae"].config),
         vae=parts["vae"],
     )
 
@@ -182,7 +187,15 @@ BUILT_IN_SOURCES: dict[str, ModelSource] = {
 
 
 def model_source(name: str) -> ModelSource:
-    """The built-in source called `name`, else the source of pretrained weights (a Hub repo id or a folder)."""
+    """The built-in source called `name`, else the source of pretrained weights (a Hub repo id or a folder).
+
+    Raises:
+        ValueError: `name` is a built-in source and a folder (or file) here: which one is meant is not guessed.
+    """
+    if name in BUILT_IN_SOURCES and os.path.exists(name):
+        raise ValueError(f"{name!r} names both a built-in model source and the folder ./{name} here: write "
+                         f"./{name} (or the folder's full path) to use the folder, or run from a directory without a "
+                         f"{name!r} folder to use the built-in source.")
     return BUILT_IN_SOURCES.get(name, PRETRAINED)
 
 
@@ -238,13 +251,11 @@ def _is_cached(name: str, filename: str, revision: str | None) -> bool:
     return isinstance(try_to_load_from_cache(name, filename, revision=revision), str)
 
 
-def source_threads(config: TrainingConfig) -> int:
-    """Set torch's CPU thread count for `config.model`'s source (`tiny`: one); returns the count before, to restore."""
-    before = torch.get_num_threads()
+def set_source_threads(config: TrainingConfig) -> None:
+    """Set torch's CPU thread count for `config.model`'s source (`tiny`: one; pretrained weights: left as it is)."""
     threads = model_source(config.model).cpu_threads
     if threads:
         torch.set_num_threads(threads)
-    return before
 
 
 def load_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenParts:

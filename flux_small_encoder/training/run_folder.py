@@ -1,13 +1,17 @@
-"""A run's folder (`output_dir`): one run at a time, what a killed run left, set-aside branches, and metrics.jsonl.
+"""A run's folder (`output_dir`): one run at a time, what a killed run left, lineages, set-aside branches, metrics.
 
     output_dir/
       .lock            exists while a run holds the folder; names it (pid, host, start)
       config.yaml      the run's resolved configuration
-      metrics.jsonl    one JSON line per step (and per evaluation)
+      metrics.jsonl    one JSON line per step (and per evaluation), each naming the session that wrote it
       checkpoint-STEP/ see checkpointing.py
       final/           the student when the run ended
-      abandoned-N/     what an explicit resume from an earlier checkpoint set aside: the later checkpoints, final/ and
-                       the metric lines past the resumed step, kept, under names `latest` never picks
+      abandoned-N/     what a resume set aside because it is not in the resumed checkpoint's history: checkpoints of
+                       another branch, final/ and their metric lines, kept, under names `latest` never picks
+
+Each start of the trainer, fresh or resuming, is a *session* with a random id. A checkpoint records its lineage: the
+sessions that led to it, each with the step it started from (`new_session`). So a resume knows which checkpoints and
+metric lines are its history (`session_spans`), wherever the checkpoint it continues comes from.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ import json
 import logging
 import os
 import re
+import secrets
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -28,7 +33,9 @@ from ..atomic import is_disk_full, leftovers, remove, write_text_atomically
 logger = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
+CONFIG_NAME = "config.yaml"
 METRICS_NAME = "metrics.jsonl"
+FINAL_NAME = "final"
 ABANDONED_PREFIX = "abandoned-"
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"  # written last into a checkpoint's staging folder
@@ -108,8 +115,10 @@ class RunLock:
         self.path.unlink(missing_ok=True)  # first: whoever opens the path next gets a new file
         self._file.close()  # closing the last descriptor releases the flock
         self._file = None
-        if self._created and not any(self.folder.iterdir()):
-            self.folder.rmdir()
+        if self._created:
+            # A new holder may take the folder from here on (its .lock makes it non-empty): then it stays.
+            with suppress(OSError):
+                self.folder.rmdir()
 
 
 def _read_holder(descriptor: int) -> str:
@@ -172,32 +181,92 @@ def hold_run_folder(accelerator, folder: Path) -> RunLock:
     return lock
 
 
-def start_run_folder(folder: Path, resumed_step: int | None) -> Path | None:
-    """Bring the folder to the state the run starts from (main process, under the lock); returns the set-aside folder.
+def earlier_run(folder: Path) -> list[str]:
+    """The names of what an earlier run left in `folder` (checkpoints, `final/`, `metrics.jsonl`, `config.yaml`)."""
+    names = [path.name for path in list_checkpoints(folder)]
+    return names + [name for name in (FINAL_NAME, METRICS_NAME, CONFIG_NAME) if (Path(folder) / name).exists()]
 
-    A fresh run drops the metric lines of an earlier run that left no checkpoint (it redoes those steps). A resumed
-    run drops the lines past its checkpoint, and when the folder holds later checkpoints (an explicit resume from an
-    earlier one), moves them, `final/` and those lines into `abandoned-N/` (see `set_aside`).
+
+def new_session(lineage: list[dict], step: int) -> list[dict]:
+    """`lineage` followed by a new session that starts from `step` (0 for a fresh run), under a new random id."""
+    return [*lineage, {"session": secrets.token_hex(6), "from_step": step}]
+
+
+def session_spans(lineage: list[dict], step: int) -> dict[str, tuple[int, int]]:
+    """The history of the checkpoint at `step` with `lineage`, as `{session id: (first step, last step)}`.
+
+    A checkpoint or a metric line is in that history when its session's span holds its step.
+    """
+    ends = [entry["from_step"] for entry in lineage[1:]] + [step]
+    return {entry["session"]: (entry["from_step"], end) for entry, end in zip(lineage, ends, strict=True)}
+
+
+def checkpoint_lineage(path: Path) -> list[dict]:
+    """The lineage in a checkpoint's `trainer_state.json` (none if unreadable, or written before lineages were)."""
+    try:
+        return json.loads((path / STATE_NAME).read_text()).get("lineage", [])
+    except (OSError, ValueError):
+        return []
+
+
+def start_run_folder(folder: Path, resumed: Path, step: int, lineage: list[dict]) -> Path | None:
+    """Bring the folder to the history of the checkpoint a run resumes from (main process, under the lock); returns
+    the `abandoned-N/` folder it set aside, if any.
+
+    The checkpoints and metric lines of that history stay (by its `lineage`, see `session_spans`). Every other
+    checkpoint (the later ones after an explicit resume from an earlier checkpoint; all of them for a checkpoint of
+    another run or from `abandoned-N/`), `final/` and the metric lines outside the history go together into
+    `abandoned-N/` (see `set_aside`). If no checkpoint goes, the lines outside the history are those a killed session
+    wrote past its last checkpoint, and are dropped: those steps are trained again. A checkpoint from another folder
+    brings the metric lines of its history from that folder's `metrics.jsonl`.
 
     Args:
         folder: The run folder.
-        resumed_step: The step of the checkpoint the run resumes from, or `None` for a fresh run.
+        resumed: The checkpoint the run resumes from.
+        step: Its step.
+        lineage: Its lineage (see `checkpoint_lineage`).
     """
-    metrics, step = folder / METRICS_NAME, -1 if resumed_step is None else resumed_step
-    kept, after = [], []
-    for line in read_metrics(metrics):
-        (kept if json.loads(line)["step"] <= step else after).append(line)
+    spans, metrics, source = session_spans(lineage, step), folder / METRICS_NAME, Path(resumed).parent
+    history, other_lines = _history_lines(metrics, spans)
+    elsewhere = source.resolve() != folder.resolve()
+    if elsewhere:
+        history = {**_history_lines(source / METRICS_NAME, spans)[0], **history}
+    other_checkpoints = [path for path in reversed(list_checkpoints(folder))  # newest first
+                         if path.resolve() != Path(resumed).resolve() and not _checkpoint_in_history(path, spans)]
+    final = [folder / FINAL_NAME] if (folder / FINAL_NAME).exists() else []
     aside = None
-    later = [p for p in reversed(list_checkpoints(folder)) if checkpoint_step(p) > step]  # newest first
-    if later:
-        final = [folder / "final"] if (folder / "final").exists() else []
-        aside = set_aside(folder, [*later, *final], after)
-    text = "".join(line + "\n" for line in kept)
-    if metrics.is_file() and metrics.read_text(encoding="utf-8", errors="replace") != text:
-        if resumed_step is None:
-            logger.warning(f"dropped the metric lines of an earlier run in {folder} that left no checkpoint.")
+    if other_checkpoints or (elsewhere and final):
+        aside = set_aside(folder, [*other_checkpoints, *final], other_lines)
+    text = "".join(history[key] + "\n" for key in sorted(history, key=lambda key: key[1]))
+    if (metrics.is_file() or text) and _read_text(metrics) != text:
         write_text_atomically(metrics, text)  # a kill meanwhile leaves the whole old file
     return aside
+
+
+def _history_lines(path: Path, spans: dict[str, tuple[int, int]]) -> tuple[dict[tuple[str, int], str], list[str]]:
+    """The lines of a metrics file in the history `spans`, by session and step, and the other lines."""
+    history, other = {}, []
+    for line in read_metrics(path):
+        record = json.loads(line)
+        if _in_history(spans, record.get("session"), record["step"]):
+            history[record["session"], record["step"]] = line
+        else:
+            other.append(line)
+    return history, other
+
+
+def _checkpoint_in_history(checkpoint: Path, spans: dict[str, tuple[int, int]]) -> bool:
+    lineage = checkpoint_lineage(checkpoint)
+    return bool(lineage) and _in_history(spans, lineage[-1]["session"], checkpoint_step(checkpoint))
+
+
+def _in_history(spans: dict[str, tuple[int, int]], session: str | None, step: int) -> bool:
+    first, last = spans.get(session, (1, 0))
+    return first <= step <= last
+
+
+def _read_text(path: Path) -> str | None:
+    return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
 
 
 def clean_leftovers(folder: Path) -> list[Path]:
@@ -252,7 +321,9 @@ def read_metrics(path: Path) -> list[str]:
     return lines
 
 
-def append_metrics(path: Path, record: dict) -> None:
-    """Append one line to the metrics file (a kill mid-write leaves a torn last line, which `read_metrics` drops)."""
-    with open(path, "a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record) + "\n")
+def append_metrics(folder: Path, record: dict) -> None:
+    """Append one line to `folder/metrics.jsonl` (a kill mid-write leaves a torn last line, which `read_metrics`
+    drops; a full disk raises `DiskFullError`)."""
+    with writing_into(folder, f"{METRICS_NAME} at step {record['step']}"):
+        with open(Path(folder) / METRICS_NAME, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")

@@ -4,6 +4,7 @@
       student.safetensors      every weight of the student (with LoRA, the peft model's: adapters and frozen base)
       optimizer.safetensors    AdamW's moments and step counts; its param_groups, as JSON, in the file's metadata
       rng-RANK.safetensors     each process's torch generator states (CPU, CUDA); Python's and NumPy's as JSON
+                               (the main process writes them all: the others send theirs)
 
 accelerate's `save_state` pickles the learning-rate schedule (and `load_state` unpickles it with `weights_only=False`,
 which runs whatever code the file names) and the generator states. Nothing here is a pickle, and `refuse_pickles`
@@ -52,8 +53,8 @@ def save_training_state(folder: Path, student: nn.Module, optimizer: torch.optim
     save_file(tensors, folder / OPTIMIZER_STATE, metadata=metadata)
 
 
-def save_rng_state(folder: Path, process_index: int) -> None:
-    """Write this process's random generator states into `folder`."""
+def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """This process's random generator states: torch's (CPU, CUDA) as tensors, Python's and NumPy's as JSON."""
     import numpy as np
 
     tensors = {"torch": torch.get_rng_state()}
@@ -64,8 +65,14 @@ def save_rng_state(folder: Path, process_index: int) -> None:
         "python": json.dumps(random.getstate()),
         "numpy": json.dumps([name, keys.tolist(), position, has_gauss, gauss]),
     }
+    return tensors, metadata
+
+
+def save_rng_states(folder: Path, states: list[tuple[dict[str, torch.Tensor], dict[str, str]]]) -> None:
+    """Write the generator states of every process (`rng_state()` of each, in process order) into `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, folder / RNG_STATE.format(rank=process_index), metadata=metadata)
+    for process_index, (tensors, metadata) in enumerate(states):
+        save_file(tensors, folder / RNG_STATE.format(rank=process_index), metadata=metadata)
 
 
 def load_training_state(

@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..atomic import atomic_folder
 from ..torch_utils import precision_dtype
 from .accelerator import init_trackers, make_accelerator
 from .attention import attention_kernels, describe_attention
@@ -28,22 +27,23 @@ from .checkpointing import (
     prune_checkpoints,
     restore,
     resume_changes,
-    save_student,
     write_checkpoint,
+    write_final,
 )
 from .config import TrainingConfig
 from .data import PromptStream, load_prompts
 from .distill import OBJECTIVES, Trajectory, flux_schedule, per_sample_mse
-from .fingerprint import teacher_identity
-from .models import FrozenParts, add_lora, build_student, check_cached, load_frozen_parts, load_teacher, source_threads
-from .run_folder import (
-    METRICS_NAME,
-    append_metrics,
-    hold_run_folder,
-    last_good_checkpoint,
-    start_run_folder,
-    writing_into,
+from .fingerprint import pipeline_fingerprint, teacher_identity
+from .models import (
+    FrozenParts,
+    add_lora,
+    build_student,
+    check_cached,
+    load_frozen_parts,
+    load_teacher,
+    set_source_threads,
 )
+from .run_folder import append_metrics, hold_run_folder, last_good_checkpoint, new_session
 from .state import build_lr_scheduler
 
 
@@ -88,6 +88,7 @@ class DistillationTrainer:
         self.frozen, self.teacher, self.student = frozen, teacher, student
         self.step = 0
         self.history: list[dict] = []  # the resumes so far, recorded in every checkpoint
+        self.lineage: list[dict] = []  # the sessions that led here, this one last (see run_folder.py)
         self.progress = None
 
     # --- setup ------------------------------------------------------------------------------------------------------
@@ -97,8 +98,9 @@ class DistillationTrainer:
         optimizer; the folder is let go again if any of them fails."""
         self.accelerator = make_accelerator(self.config)
         self.lock = hold_run_folder(self.accelerator, self.output_dir)
-        self.threads = source_threads(self.config)
+        self.threads = torch.get_num_threads()  # given back by cleanup()
         try:
+            set_source_threads(self.config)
             self.setup_data()
             self.setup_models()
             self.setup_optimizer()
@@ -114,6 +116,7 @@ class DistillationTrainer:
         self.stream = PromptStream(train_prompts, seed=self.config.seed)
         self.resume = find_resume_checkpoint(self.config)
         self.changes = resume_changes(self.resume, self.config) if self.resume else {}
+        self.model_fingerprint = pipeline_fingerprint(self.config.model, self.config.revision)
 
     def setup_models(self) -> None:
         """The frozen parts, the teacher (or its cache), the student and the objective: built unless handed in."""
@@ -172,8 +175,7 @@ class DistillationTrainer:
         if self.resume is not None:  # restored; what it abandons is set aside, and it says so in one line
             self.step = self.resume.step
             self.history = restore(self.accelerator, self.resume, self.student, self.optimizer, cfg, self.changes)
-        elif self.accelerator.is_main_process:
-            start_run_folder(self.output_dir, None)
+        self.lineage = new_session(self.resume.lineage if self.resume else [], self.step)
         # The schedule steps once per optimizer step; a resumed run rebuilds it at its step, from its config.
         self.lr_scheduler = build_lr_scheduler(optimizer, cfg, self.step)
 
@@ -288,25 +290,23 @@ class DistillationTrainer:
         if not self.eval_prompts:
             return {}
         cfg = self.config
-        student = self.accelerator.unwrap_model(self.student)
-        student.eval()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         totals = torch.zeros(4, device=self.accelerator.device, dtype=torch.float64)
         mine = list(range(rank, len(self.eval_prompts), world))
-        for start in range(0, len(mine), cfg.train_batch_size):
-            indices = mine[start : start + cfg.train_batch_size]
-            trajectory = self.trajectories.make_trajectory(
-                [self.eval_prompts[i] for i in indices], indices, guidance=cfg.eval_guidance_scale,
-                teacher_embeds=self.eval_teacher_embeds[indices], eval_noise=True,
-            )
-            with self.forward_context():
-                student_embeds = student(trajectory.input_ids, output_hidden_states=False)[0]
-                error, relative_error = self.objective.trajectory_errors(trajectory, student_embeds)
-            embedding_error = per_sample_mse(student_embeds, trajectory.teacher_embeds)
-            totals[:3] += torch.stack([error.sum(), relative_error.sum(), embedding_error.sum()])
-            totals[3] += len(indices)
+        with self.student_in_eval_mode() as student:
+            for start in range(0, len(mine), cfg.train_batch_size):
+                indices = mine[start : start + cfg.train_batch_size]
+                trajectory = self.trajectories.make_trajectory(
+                    [self.eval_prompts[i] for i in indices], indices, guidance=cfg.eval_guidance_scale,
+                    teacher_embeds=self.eval_teacher_embeds[indices], eval_noise=True,
+                )
+                with self.forward_context():
+                    student_embeds = student(trajectory.input_ids, output_hidden_states=False)[0]
+                    error, relative_error = self.objective.trajectory_errors(trajectory, student_embeds)
+                embedding_error = per_sample_mse(student_embeds, trajectory.teacher_embeds)
+                totals[:3] += torch.stack([error.sum(), relative_error.sum(), embedding_error.sum()])
+                totals[3] += len(indices)
         totals = self.accelerator.reduce(totals, "sum")
-        student.train()
         count = totals[3].item()
         return {
             "eval_error": totals[0].item() / count,
@@ -320,34 +320,30 @@ class DistillationTrainer:
         `output_dir/validation/` and on TensorBoard; returns their mean `validation_psnr` and `validation_ssim`."""
         if self.validator is None:
             return {}
-        student = self.accelerator.unwrap_model(self.student)
-        student.eval()
-        with self.forward_context():
-            numbers, grid = self.validator(student, self.step, self.output_dir)
-        student.train()
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.log_images({"validation": grid[None]}, step=self.step, dataformats="NHWC")
-        return numbers
+        with self.student_in_eval_mode() as student, self.forward_context():
+            return self.validator(student, self.step, self.output_dir, self.accelerator.trackers)
 
     @torch.no_grad()
     def write_fidelity_report(self) -> None:
         """With validation on, the student's fidelity report on the held-out prompts, in `output_dir/fidelity/`."""
-        if self.validator is None or not self.eval_prompts:
-            return
-        from .validation import write_fidelity_report
+        if self.validator is not None and self.eval_prompts:
+            with self.student_in_eval_mode() as student, self.forward_context():
+                self.validator.write_fidelity_report(student, self.eval_prompts, self.output_dir)
 
+    @contextmanager
+    def student_in_eval_mode(self) -> Iterator[nn.Module]:
+        """The unwrapped student in eval mode (no dropout), back in train mode afterwards."""
         student = self.accelerator.unwrap_model(self.student).eval()
-        with self.forward_context():
-            write_fidelity_report(self.config, self.frozen, self.objective, self.trajectories.teacher_embeds, student,
-                                  self.eval_prompts, self.accelerator.device, self.dtype, self.output_dir)
-        student.train()
+        try:
+            yield student
+        finally:
+            student.train()
 
     def log(self, metrics: dict) -> None:
-        """Append one line to `metrics.jsonl` and send the numbers to the trackers (TensorBoard)."""
+        """Append one line to `metrics.jsonl`, naming this session (see run_folder.py), and send the numbers to the
+        trackers (TensorBoard)."""
         if self.accelerator.is_main_process:
-            with writing_into(self.output_dir, f"{METRICS_NAME} at step {metrics['step']}"):
-                append_metrics(self.output_dir / METRICS_NAME, metrics)
+            append_metrics(self.output_dir, {**metrics, "session": self.lineage[-1]["session"]})
         numbers = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
         self.accelerator.log(numbers, step=metrics["step"])
 
@@ -356,12 +352,12 @@ class DistillationTrainer:
     def save_checkpoint(self) -> Path:
         """Write `output_dir/checkpoint-STEP` (see `checkpointing.py`) atomically, then prune old checkpoints.
 
-        A checkpoint of the same step left by an abandoned run is moved aside when the new one is complete.
+        None of the same step is there: those of other branches were set aside as the run started (`restore`).
         """
         folder = checkpoint_folder(self.output_dir, self.step)
-        with writing_into(self.output_dir, folder.name):
-            write_checkpoint(self.accelerator, folder, self.student, self.optimizer, self.config, self.step,
-                             self.history)
+        state = {"step": self.step, "lineage": self.lineage, "resumes": self.history,
+                 "model_fingerprint": self.model_fingerprint}
+        write_checkpoint(self.accelerator, folder, self.student, self.optimizer, self.config, state)
         if self.accelerator.is_main_process:
             prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
         self.accelerator.wait_for_everyone()
@@ -369,13 +365,7 @@ class DistillationTrainer:
 
     def save_final(self) -> Path:
         """Write `output_dir/final`: the student's `save_pretrained` folder (plus `adapter/` with LoRA)."""
-        final = self.output_dir / "final"
-        if self.accelerator.is_main_process:
-            with writing_into(self.output_dir, "final/"), atomic_folder(final, replace=True) as staging:
-                student = self.accelerator.unwrap_model(self.student)
-                save_student(student, staging, self.config, adapter_folder=staging / "adapter")
-        self.accelerator.wait_for_everyone()
-        return final
+        return write_final(self.accelerator, self.output_dir, self.student, self.config)
 
     # --- cleanup ----------------------------------------------------------------------------------------------------
 

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import importlib.util
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -42,7 +41,7 @@ def generation_settings(config: TrainingConfig) -> GenerationSettings:
 
 
 class Validator:
-    """Teacher and student images of the validation prompts.
+    """Teacher and student images of the validation prompts, and the fidelity report at the end of a run.
 
     Args:
         config: The run's configuration (`validation_prompts`, `validation_seeds`, the trajectory settings).
@@ -64,9 +63,9 @@ class Validator:
         self.teacher_images = self.sampler.images(self.trajectory, self.trajectory.teacher_embeds)  # made once
 
     @torch.no_grad()
-    def __call__(self, student: nn.Module, step: int, output_dir: Path) -> tuple[dict, np.ndarray]:
-        """The student's images at `step`: writes `output_dir/validation/step-N.png`; returns the mean
-        `validation_psnr` / `validation_ssim` and the grid (`(height, width, 3)` uint8)."""
+    def __call__(self, student: nn.Module, step: int, output_dir: Path, trackers: Iterable = ()) -> dict[str, float]:
+        """The student's images at `step`: writes `output_dir/validation/step-N.png` and logs the grid to the
+        TensorBoard tracker among `trackers`; returns the mean `validation_psnr` / `validation_ssim`."""
         from PIL import Image
 
         embeds = student(self.trajectory.input_ids, output_hidden_states=False)[0]
@@ -78,19 +77,20 @@ class Validator:
         grid = grid.permute(1, 2, 0).numpy()
         with atomic_file(Path(output_dir) / VALIDATION_FOLDER / f"step-{step}.png") as staging:
             Image.fromarray(grid).save(staging, format="PNG")
-        return {f"validation_{name}": statistics.fmean(values) for name, values in metrics.items()}, grid
+        for tracker in trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"validation": grid[None]}, step=step, dataformats="NHWC")
+        return {f"validation_{name}": statistics.fmean(values) for name, values in metrics.items()}
 
-
-def write_fidelity_report(config: TrainingConfig, frozen: FrozenParts, objective: VisionDistillation,
-                          teacher_embeds: Callable[[torch.Tensor], torch.Tensor], student: nn.Module,
-                          prompts: list[str], device, dtype: torch.dtype, output_dir: Path) -> Path:
-    """The fidelity report of the student on `prompts` (the held-out ones), at `validation_seeds`, written by
-    `compare`'s code to `output_dir/fidelity/` (replacing the report of an earlier run into the same folder)."""
-    sampler = Sampler(frozen, generation_settings(config), device=device, dtype=dtype, objective=objective)
-    comparison = Comparison(
-        sampler, teacher_embeds, [EvalPrompt(prompt, "held-out", "held-out prompts") for prompt in prompts],
-        list(config.validation_seeds), batch_size=config.train_batch_size, model=config.model, progress=False,
-        ocr=importlib.util.find_spec("rapidocr_onnxruntime") is not None,
-    )
-    comparison.add(Candidate("student", student, "distilled"))
-    return comparison.results.save(Path(output_dir) / FIDELITY_FOLDER, overwrite=True)
+    @torch.no_grad()
+    def write_fidelity_report(self, student: nn.Module, prompts: list[str], output_dir: Path) -> Path:
+        """The fidelity report of the student on `prompts` (the held-out ones), at `validation_seeds`, written by
+        `compare`'s code to `output_dir/fidelity/` (replacing the report of an earlier run into the same folder)."""
+        held_out = [EvalPrompt(prompt, "held-out", "held-out prompts") for prompt in prompts]
+        comparison = Comparison(
+            self.sampler, self.teacher_embeds, held_out, list(self.config.validation_seeds),
+            batch_size=self.config.train_batch_size, model=self.config.model, progress=False,
+            ocr=importlib.util.find_spec("rapidocr_onnxruntime") is not None,
+        )
+        comparison.add(Candidate("student", student, "distilled"))
+        return comparison.results.save(Path(output_dir) / FIDELITY_FOLDER, overwrite=True)
