@@ -4,6 +4,7 @@ card's model-index."""
 from __future__ import annotations
 
 import json
+import shutil
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -89,11 +90,34 @@ def test_an_existing_report_is_kept_unless_overwrite(report, capsys):
     assert (report / "results.json").read_bytes() == before
 
 
-def test_a_folder_holding_other_files_is_refused_even_with_overwrite(tmp_path, capsys):
+def test_a_folder_holding_a_report_name_and_other_files_is_refused_even_with_overwrite(tmp_path, capsys):
+    """index.html alone does not make a report: --overwrite would replace the whole folder, css/ and notes with it."""
+    (tmp_path / "index.html").write_text("<p>my site</p>")
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "css").mkdir()
+    (tmp_path / "css" / "site.css").write_text("p {}")
     assert main(["compare", "--tiny", "--out", str(tmp_path), "--overwrite"]) == 2
-    assert "is not empty and holds no report" in capsys.readouterr().err
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path} holds css/, notes.txt, which a report does not: choose a new or empty folder for --out, "
+        "or move what you want to keep out of it (nothing was written).\n"
+    )
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")) == [
+        "css", "css/site.css", "index.html", "notes.txt"]
+
+
+def test_a_report_folder_is_replaced_only_while_it_holds_nothing_else(report, tmp_path):
+    from flux_small_encoder.evaluation.report import check_report_folder
+
+    copy = tmp_path / "report"
+    shutil.copytree(report, copy)
+    check_report_folder(copy, overwrite=True)  # the report and nothing else: replaceable
+    (copy / "images" / "teacher" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds images/teacher/notes.txt, which a report does not"):
+        check_report_folder(copy, overwrite=True)
+    (copy / "images" / "teacher" / "notes.txt").unlink()
+    (copy / "results.json").write_text(json.dumps({"model": "mine"}))
+    with pytest.raises(FileExistsError, match=r"holds no results.json written by compare, so it is not a report"):
+        check_report_folder(copy, overwrite=True)
 
 
 def test_an_empty_prompt_set_is_refused_in_one_line(tmp_path, capsys):
