@@ -3,8 +3,10 @@ card's model-index."""
 
 from __future__ import annotations
 
+import html
 import json
 import shutil
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -176,6 +178,19 @@ def test_ocr_reads_pillow_drawn_text_exactly_and_an_empty_image_scores_zero():
     blank = np.full((72, 320, 3), 255, dtype=np.uint8)
     assert reader.read(blank) == "" and reader.accuracy(blank, "hello world") == 0.0
     assert character_accuracy("radar", "rader") == pytest.approx(0.8)
+
+
+def test_compare_without_rapidocr_reports_ocr_as_skipped_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # as if not installed: its import fails
+    out = tmp_path / "report"
+    assert main(["compare", "--tiny", "--encoders", "teacher", "--out", str(out), "--cache-dir",
+                 str(tmp_path / "cache")]) == 0  # the default prompts quote text
+    reason = "rapidocr-onnxruntime is not installed (pip install 'flux-small-encoder[eval]')"
+    assert capsys.readouterr().out.splitlines()[0] == f"OCR skipped: {reason}"
+    results = json.loads((out / "results.json").read_text())
+    assert results["skipped_metrics"]["ocr_accuracy"] == reason
+    assert not any("ocr_accuracy" in record for record in results["records"])
+    assert f"OCR char. accuracy skipped: {reason}." in html.unescape((out / "index.html").read_text())
 
 
 # --- the model card -------------------------------------------------------------------------------------------------
