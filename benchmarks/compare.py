@@ -1,13 +1,19 @@
 """What `compare` adds per 1024x1024 image pair on a CPU, beside the generation time of the same run.
 
 Times, per teacher/candidate pair of 1024x1024 images: PSNR + SSIM, the embedding metrics (one prompt, 512 x 4096
-float32 embeddings, FLUX.1's shape), OCR of one image (done only for prompts that quote text), and the report's share
-(a heat map and two PNG writes). Goal: PSNR, SSIM and embeddings under 0.5 s a pair.
+float32 embeddings, FLUX.1's shape), the trajectory error, OCR of one image (done only for prompts that quote text),
+and the report's share (a heat map and two PNG writes).
+
+The trajectory error runs the transformer along the teacher's trajectory with the candidate's embeddings: `--steps`
+transformer calls per candidate image, the teacher's own predictions being made once per image (with its image) and
+reused by every candidate; without that reuse it would take twice as many. It is transformer work, as generation is,
+so its ratio to the generation time carries over to real models: a candidate's image and its trajectory error cost
+about two generations. The other metrics are fixed costs per image pair, so their ratio here is an upper bound.
 
 Generation here is a tiny random FLUX (one transformer layer, 32 wide, a 4-level tiny VAE: FLUX's 8x latent grid, so
 4,096 image tokens at 1024 px), sampled at 1024 px with `--steps` steps by the comparison's own `Sampler`: it stands
 for the generation a comparison runs, far below the real model's cost (FLUX.1-dev's shapes at 1024 px, 20 steps, bf16:
-3.63 s an image on one H200), so the ratio printed is an upper bound of the metrics' share.
+3.63 s an image on one H200).
 
 Each timing is the fastest of `--repeats` calls after a warm-up.
 
@@ -81,8 +87,11 @@ def main() -> None:
     embeds = encode(pipe.text_encoder_2, sampler.tokenize([PROMPT]))
     trajectory = sampler.start([PROMPT], [0], embeds)
     generation = timed(lambda: sampler.images(copy.copy(trajectory), embeds), args.repeats)
-    teacher = sampler.images(trajectory, embeds)
-    candidate = sampler.images(trajectory, embeds + 0.05 * torch.randn_like(embeds))
+    predictions = []  # the teacher's, kept as the comparison keeps them
+    teacher = sampler.images(trajectory, embeds, predictions)
+    tiny_candidate_embeds = embeds + 0.05 * torch.randn_like(embeds)
+    candidate = sampler.images(trajectory, tiny_candidate_embeds)
+    objective = sampler.objective
 
     # Real FLUX.1 shapes for the embeddings: 512 tokens x 4096.
     teacher_embeds = torch.randn(1, 512, 4096)
@@ -94,6 +103,13 @@ def main() -> None:
                                                       args.repeats),
     }
     rows["PSNR + SSIM + embeddings"] = rows["PSNR + SSIM"] + rows["embedding cosine + MSE (512 x 4096)"]
+    rows[f"trajectory error ({args.steps} transformer calls, teacher's reused)"] = timed(
+        lambda: objective.trajectory_errors(copy.copy(trajectory), tiny_candidate_embeds, teacher_preds=predictions),
+        args.repeats,
+    )
+    rows[f"  the same without the reuse ({2 * args.steps} calls)"] = timed(
+        lambda: objective.trajectory_errors(copy.copy(trajectory), tiny_candidate_embeds), args.repeats
+    )
     reader, page = TextReader(), text_image(args.size)
     assert reader.read(page) == "tracking", reader.read(page)
     rows["OCR of one image (prompts with quoted text only)"] = timed(lambda: reader.read(page), args.repeats)

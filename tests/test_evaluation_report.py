@@ -3,7 +3,10 @@ card's model-index."""
 
 from __future__ import annotations
 
+import html
 import json
+import shutil
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -89,11 +92,34 @@ def test_an_existing_report_is_kept_unless_overwrite(report, capsys):
     assert (report / "results.json").read_bytes() == before
 
 
-def test_a_folder_holding_other_files_is_refused_even_with_overwrite(tmp_path, capsys):
+def test_a_folder_holding_a_report_name_and_other_files_is_refused_even_with_overwrite(tmp_path, capsys):
+    """index.html alone does not make a report: --overwrite would replace the whole folder, css/ and notes with it."""
+    (tmp_path / "index.html").write_text("<p>my site</p>")
     (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "css").mkdir()
+    (tmp_path / "css" / "site.css").write_text("p {}")
     assert main(["compare", "--tiny", "--out", str(tmp_path), "--overwrite"]) == 2
-    assert "is not empty and holds no report" in capsys.readouterr().err
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert capsys.readouterr().err == (
+        f"error: {tmp_path} holds css/, notes.txt, which a report does not: choose a new or empty folder for --out, "
+        "or move what you want to keep out of it (nothing was written).\n"
+    )
+    assert sorted(path.relative_to(tmp_path).as_posix() for path in tmp_path.rglob("*")) == [
+        "css", "css/site.css", "index.html", "notes.txt"]
+
+
+def test_a_report_folder_is_replaced_only_while_it_holds_nothing_else(report, tmp_path):
+    from flux_small_encoder.evaluation.report import check_report_folder
+
+    copy = tmp_path / "report"
+    shutil.copytree(report, copy)
+    check_report_folder(copy, overwrite=True)  # the report and nothing else: replaceable
+    (copy / "images" / "teacher" / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match=r"holds images/teacher/notes.txt, which a report does not"):
+        check_report_folder(copy, overwrite=True)
+    (copy / "images" / "teacher" / "notes.txt").unlink()
+    (copy / "results.json").write_text(json.dumps({"model": "mine"}))
+    with pytest.raises(FileExistsError, match=r"holds no results.json written by compare, so it is not a report"):
+        check_report_folder(copy, overwrite=True)
 
 
 def test_an_empty_prompt_set_is_refused_in_one_line(tmp_path, capsys):
@@ -152,6 +178,19 @@ def test_ocr_reads_pillow_drawn_text_exactly_and_an_empty_image_scores_zero():
     blank = np.full((72, 320, 3), 255, dtype=np.uint8)
     assert reader.read(blank) == "" and reader.accuracy(blank, "hello world") == 0.0
     assert character_accuracy("radar", "rader") == pytest.approx(0.8)
+
+
+def test_compare_without_rapidocr_reports_ocr_as_skipped_before_loading(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "rapidocr_onnxruntime", None)  # as if not installed: its import fails
+    out = tmp_path / "report"
+    assert main(["compare", "--tiny", "--encoders", "teacher", "--out", str(out), "--cache-dir",
+                 str(tmp_path / "cache")]) == 0  # the default prompts quote text
+    reason = "rapidocr-onnxruntime is not installed (pip install 'flux-small-encoder[eval]')"
+    assert capsys.readouterr().out.splitlines()[0] == f"OCR skipped: {reason}"
+    results = json.loads((out / "results.json").read_text())
+    assert results["skipped_metrics"]["ocr_accuracy"] == reason
+    assert not any("ocr_accuracy" in record for record in results["records"])
+    assert f"OCR char. accuracy skipped: {reason}." in html.unescape((out / "index.html").read_text())
 
 
 # --- the model card -------------------------------------------------------------------------------------------------

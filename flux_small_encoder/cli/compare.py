@@ -41,7 +41,7 @@ def register(subparsers) -> None:
     parser.add_argument("--max-sequence-length", type=options.positive_int, help="T5 tokens (default 512; --tiny 32)")
     parser.add_argument("--batch-size", type=options.positive_int, default=1, help="images sampled at once")
     parser.add_argument("--out", default="report", help="the report folder (new or empty)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds a report")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it holds a report and nothing else")
     parser.add_argument("--cache-dir", help="where the teacher's images are cached (default: HF_HOME/"
                         "flux-small-encoder/teacher-images)")
     parser.add_argument("--clip", help="a local folder with a transformers CLIPModel and its processor (CLIP scores)")
@@ -78,7 +78,10 @@ def run_compare(args: argparse.Namespace) -> None:
     import torch
 
     from ..evaluation import compare_encoders
+    from ..evaluation.ocr import ocr_unavailable
 
+    if not args.no_ocr and any(prompt.quoted_text for prompt in prompts) and (reason := ocr_unavailable()):
+        print(f"OCR skipped: {reason}", flush=True)  # said before the pipeline loads; the report says it too
     dtype = options.resolve_dtype(args.dtype) or (torch.float32 if args.tiny else torch.bfloat16)
     with tempfile.TemporaryDirectory(prefix="flux-small-encoder-compare-") as scratch:
         if args.tiny:
@@ -96,7 +99,7 @@ def run_compare(args: argparse.Namespace) -> None:
         results = compare_encoders(
             pipe, encoders, prompts, seeds, steps=steps, size=size, guidance=args.guidance,
             max_sequence_length=length, batch_size=args.batch_size, cache_dir=args.cache_dir or _default_cache(),
-            clip=args.clip, ocr=not args.no_ocr, model=model,
+            clip=args.clip, ocr=not args.no_ocr, model=model, revision=args.revision, token=args.token,
         )
         results.save(args.out, overwrite=args.overwrite)
     print(_summary_table(results))

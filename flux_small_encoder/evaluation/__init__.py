@@ -4,10 +4,11 @@ The public names load on first use.
 
     prompts.py     named prompt sets shipped in the package, prompt files, quoted text
     generation.py  images from embeddings with the trainer's trajectory code; the teacher image cache
-    metrics.py     PSNR, SSIM, embedding cosine and MSE, CLIP score
+    metrics.py     PSNR, SSIM, LPIPS, embedding cosine and MSE, CLIP score
     ocr.py         text read from images and its character accuracy
     cost.py        parameters, bytes, encode time and peak memory
-    quantize.py    `teacher@METHOD`: the teacher through a quantization library
+    quantize.py    `teacher@METHOD`: the teacher in memory, quantized by a quantization library
+    candidates.py  the candidates, checked against the pipeline before any image, then loaded one at a time
     compare.py     `compare_encoders`
     results.py     `ComparisonResults`: records, summaries
     report.py      index.html, results.json, images, heat maps, grids

@@ -1,22 +1,28 @@
 """`compare_encoders`: every candidate encoder against the pipeline's own T5 (the teacher), at the same seeds.
 
-For each prompt and seed the teacher's image is made once (or read from the cache). Each candidate in turn is
-loaded, encodes every prompt (timed, its peak memory measured), and its images are sampled from the same noise with
-the same schedule and guidance; then every metric is taken against the teacher's image or embeddings. The trajectory
-error is the trainer's held-out evaluation (`VisionDistillation.trajectory_errors`), not a copy of it.
+Every candidate is checked first (its name, and its config against the pipeline: width and vocabulary, read without
+its weights). Then, for each prompt and seed, the teacher's image is made once (or read from the cache) and the
+teacher's predictions along its trajectory are kept. Each candidate in turn is loaded (one that fails to load anyway
+becomes a skipped row with its reason), encodes every prompt (timed, its peak memory measured), and its images are
+sampled from the same noise with the same schedule and guidance; then every metric is taken against the teacher's
+image or embeddings. The trajectory error is the trainer's held-out evaluation (`VisionDistillation.trajectory_errors`,
+given the teacher's kept predictions), not a copy of it.
 """
 
 from __future__ import annotations
 
 import copy
+import logging
 import os
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers.training_utils import free_memory
 from torch import nn
 
+from .candidates import TEACHER, Candidate, Skipped, check_candidates, first_line, load_candidate, named_candidates
 from .cost import encoder_size, measure_encoding
 from .generation import (
     REFERENCE,
@@ -26,31 +32,15 @@ from .generation import (
     TeacherImageCache,
     encode,
     frozen_parts_of,
+    pipeline_fingerprint,
     pipeline_identity,
 )
-from .metrics import ClipScorer, embedding_metrics, image_metrics
-from .ocr import character_accuracy
+from .metrics import ClipScorer, LpipsScorer, embedding_metrics, image_metrics, lpips_unavailable
+from .ocr import TextReader, character_accuracy, ocr_unavailable
 from .prompts import EvalPrompt
 from .results import ComparisonResults
 
-TEACHER = "teacher"
-
-
-@dataclass
-class Candidate:
-    """An encoder to compare: `kind` is `teacher`, `quantized` (`teacher@METHOD`) or `distilled`."""
-
-    name: str
-    encoder: nn.Module
-    kind: str
-
-
-@dataclass
-class Skipped:
-    """A candidate that cannot run here, and why."""
-
-    name: str
-    reason: str
+logger = logging.getLogger(__name__)
 
 
 def compare_encoders(
@@ -68,6 +58,8 @@ def compare_encoders(
     clip: str | os.PathLike | None = None,
     ocr: bool = True,
     model: str | None = None,
+    revision: str | None = None,
+    token: str | None = None,
     progress: bool = True,
 ) -> ComparisonResults:
     r"""
@@ -82,6 +74,8 @@ def compare_encoders(
             `DistilledT5EncoderModel`), `"teacher"` (the pipeline's own encoder: a self-check, it must score
             perfectly), or `"teacher@METHOD"` (the teacher quantized by a key of `QUANTIZATION_METHODS`; skipped with
             its reason where the method cannot run). A dict names them in the report: `{"mine": "runs/s3/final"}`.
+            Each is checked before any image is made (an unknown name, or a config that does not fit the pipeline, is
+            refused); one that fails to load all the same is reported as skipped, with its reason.
         prompts (`list`):
             Prompts, as strings or `EvalPrompt`s (see `load_eval_prompts`).
         seeds (`list[int]`, *optional*, defaults to `(0,)`):
@@ -92,14 +86,19 @@ def compare_encoders(
         batch_size (`int`, *optional*, defaults to 1):
             Images sampled at once.
         cache_dir (`str`, *optional*):
-            Where the teacher's images are cached, keyed by model, prompt, seed and settings: a re-run or a new
-            candidate reuses them. Default: no cache.
+            Where the teacher's images are cached, keyed by the pipeline's content (`pipeline_fingerprint`), prompt,
+            seed and settings: a re-run or a new candidate reuses them. Default: no cache.
         clip (`str`, *optional*):
             A local folder with a transformers `CLIPModel` and its processor, for CLIP scores; none by default.
         ocr (`bool`, *optional*, defaults to `True`):
-            OCR the images of prompts that quote text (needs rapidocr-onnxruntime).
+            OCR the images of prompts that quote text (with rapidocr-onnxruntime; without it, OCR is reported as
+            skipped, with the reason).
         model (`str`, *optional*):
-            The pipeline's name in cache keys and reports; default: its Hub id or folder, else a fingerprint.
+            The pipeline's name in reports; default: its Hub id or folder.
+        revision (`str`, *optional*):
+            The revision the pipeline was loaded at from the Hub: part of the teacher cache's key.
+        token (`str`, *optional*):
+            A Hub token for candidates in private or gated repos.
         progress (`bool`, *optional*, defaults to `True`):
             Show progress bars.
 
@@ -118,25 +117,37 @@ def compare_encoders(
         raise ValueError("no prompts to compare on: give at least one prompt.")
     if not encoders:
         raise ValueError("no encoders to compare: give at least one candidate (teacher, teacher@METHOD, a name).")
-    encoders = _named(encoders)
-    _check_names(encoders.values())
-    model = model or pipeline_identity(pipe)
+    encoders = named_candidates(encoders)
+    check_candidates(pipe, encoders, token=token)
     settings = GenerationSettings(steps, size, guidance, max_sequence_length)
     sampler = Sampler(parts, settings)
+    cache = None
+    if cache_dir is not None:
+        fingerprint = pipeline_fingerprint(pipe)
+        if fingerprint is None:
+            logger.warning("The teacher's images are not cached: some of the pipeline's weights cannot be read "
+                           "(offloaded to the meta device, or in a tensor type that cannot be sampled).")
+        else:
+            cache = TeacherImageCache(cache_dir, fingerprint, revision)
     comparison = Comparison(
-        sampler, pipe.text_encoder_2, prompts, list(seeds), batch_size=batch_size, model=model,
-        cache=TeacherImageCache(cache_dir, model) if cache_dir is not None else None,
+        sampler, pipe.text_encoder_2, prompts, list(seeds), batch_size=batch_size,
+        model=model or pipeline_identity(pipe), cache=cache,
         clip=ClipScorer(clip, sampler.device) if clip is not None else None, ocr=ocr, progress=progress,
     )
     for name, encoder in encoders.items():
         # Loaded when its turn comes and released after it: one candidate in memory at a time.
-        comparison.add(load_candidate(pipe, name, encoder, sampler.device))
+        try:
+            candidate = load_candidate(pipe, name, encoder, sampler.device, token=token)
+        except Exception as error:  # whatever the loading library raises: the other candidates' work is kept
+            candidate = Skipped(name, f"failed to load: {type(error).__name__}: {first_line(error)}")
+        comparison.add(candidate)
         free_memory()
     return comparison.results
 
 
 class Comparison:
-    """The teacher's embeddings and images for a set of prompts and seeds, against which candidates are scored.
+    """The teacher's embeddings, images and predictions for a set of prompts and seeds, against which candidates are
+    scored.
 
     Args:
         sampler: Makes the images.
@@ -148,7 +159,7 @@ class Comparison:
         model: The pipeline's name, for the report.
         cache: The teacher's image cache, if any.
         clip: A CLIP scorer, if any.
-        ocr: OCR the images of prompts that quote text.
+        ocr: OCR the images of prompts that quote text (reported as skipped, with the reason, where it cannot run).
         progress: Show progress bars.
     """
 
@@ -157,13 +168,25 @@ class Comparison:
                  clip: ClipScorer | None = None, ocr: bool = True, progress: bool = True):
         self.sampler, self.prompts, self.seeds = sampler, prompts, seeds
         self.batch_size, self.clip, self.progress = max(1, batch_size), clip, progress
-        self.reader = None
-        if ocr and any(prompt.quoted_text for prompt in prompts):
-            from .ocr import TextReader
-
-            self.reader = TextReader()
         self.results = ComparisonResults(prompts, seeds, sampler.settings, model, ImageStore())
         self.jobs = [(index, seed) for index in range(len(prompts)) for seed in seeds]
+        # What can run here is settled before any work.
+        self.reader = self.lpips = None
+        if ocr and any(prompt.quoted_text for prompt in prompts):
+            reason = ocr_unavailable()
+            if reason is None:
+                self.reader = TextReader()
+            else:
+                self.results.skip_metric("ocr_accuracy", reason)
+        reason = lpips_unavailable()
+        if reason is None:
+            self.lpips = LpipsScorer(sampler.device)
+        else:
+            self.results.skip_metric("lpips", reason)
+        # The teacher's predictions along each batch's trajectory, made once and read back by every candidate's
+        # trajectory error (steps x the latents' size per image: on disk, not in memory).
+        self._scratch = tempfile.TemporaryDirectory(prefix="flux-small-encoder-predictions-")
+        self._predictions: dict[int, Path] = {}
         # The teacher: its embeddings (kept on the CPU), its cost, its images and the scores of its images.
         self.teacher_embeds, cost = self._encode(teacher)
         self.results.add_reference(encoder_size(teacher) if isinstance(teacher, nn.Module) else {}, cost)
@@ -177,13 +200,14 @@ class Comparison:
         cost["encode_seconds_per_prompt"] = cost.pop("seconds") / len(self.prompts)
         return torch.cat(embeds), cost
 
-    def _batches(self, description: str) -> Iterator[list[tuple[int, int]]]:
+    def _batches(self, description: str) -> Iterator[tuple[int, list[tuple[int, int]]]]:
+        """The jobs in batches, numbered: the same batches for the teacher and every candidate."""
         from tqdm.auto import tqdm
 
         with tqdm(total=len(self.jobs), desc=description, unit="image", disable=not self.progress) as bar:
-            for start in range(0, len(self.jobs), self.batch_size):
+            for number, start in enumerate(range(0, len(self.jobs), self.batch_size)):
                 batch = self.jobs[start : start + self.batch_size]
-                yield batch
+                yield number, batch
                 bar.update(len(batch))
 
     def _trajectory(self, batch: list[tuple[int, int]]):
@@ -196,21 +220,41 @@ class Comparison:
         """Make (or read from the cache) the teacher's image of every job, and score it for OCR and CLIP."""
         store, settings, dtype = self.results.images, self.sampler.settings, self.sampler.dtype
         scores = {}
-        for batch in self._batches(TEACHER):
+        for number, batch in self._batches(TEACHER):
             keys = [cache.key(self.prompts[i].text, seed, settings, dtype) for i, seed in batch] if cache else []
             if cache is not None and all(cache.path(key).is_file() for key in keys):
                 for job, key in zip(batch, keys, strict=True):
                     store.put(REFERENCE, job, cache.path(key))
             else:
                 # The batches candidates are sampled in: the `teacher` candidate's images then match to the bit.
-                trajectory = self._trajectory(batch)
-                images = self.sampler.images(trajectory, trajectory.teacher_embeds)
+                trajectory, predictions = self._trajectory(batch), []
+                images = self.sampler.images(trajectory, trajectory.teacher_embeds, predictions)
+                self._keep_predictions(number, predictions)
                 for position, job in enumerate(batch):
                     image = images[position]
                     store.put(REFERENCE, job, cache.save(keys[position], image) if cache else image)
             images = torch.stack([store.get(REFERENCE, job) for job in batch])
             scores.update(zip(batch, self._image_scores(batch, images, teacher=True), strict=True))
         return scores
+
+    def _keep_predictions(self, number: int, predictions: list[torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        path = Path(self._scratch.name) / f"{number}.safetensors"
+        save_file({str(step): prediction.cpu().contiguous() for step, prediction in enumerate(predictions)}, path)
+        self._predictions[number] = path
+
+    def _teacher_predictions(self, number: int, trajectory) -> list[torch.Tensor]:
+        """The teacher's prediction at each step of batch `number`'s trajectory: kept from its images, or (when they
+        came from the cache) made now, once for all candidates."""
+        from safetensors.torch import load_file
+
+        if number not in self._predictions:
+            predictions = []
+            self.sampler.objective.follow(copy.copy(trajectory), trajectory.teacher_embeds, predictions=predictions)
+            self._keep_predictions(number, predictions)
+        saved = load_file(self._predictions[number])
+        return [saved[str(step)] for step in range(len(saved))]
 
     def _image_scores(self, batch, images: torch.Tensor, teacher: bool = False) -> list[dict]:
         """OCR (prompts quoting text) and CLIP scores of a batch of images."""
@@ -237,14 +281,17 @@ class Comparison:
         embeds, cost = self._encode(candidate.encoder)
         self.results.add_encoder(candidate.name, candidate.kind, encoder_size(candidate.encoder), cost)
         per_prompt = embedding_metrics(embeds, self.teacher_embeds)
-        for batch in self._batches(candidate.name):
+        for number, batch in self._batches(candidate.name):
             indices = [index for index, _ in batch]
             trajectory = self._trajectory(batch)
             images = self.sampler.images(trajectory, embeds[indices])
             teacher_images = torch.stack([self.results.images.get(REFERENCE, job) for job in batch])
             pixels = image_metrics(images.double() / 255, teacher_images.double() / 255)
+            if self.lpips is not None:
+                pixels["lpips"] = self.lpips(images.float() / 255, teacher_images.float() / 255)
             errors = self.sampler.objective.trajectory_errors(
-                copy.copy(trajectory), embeds[indices].to(self.sampler.device, self.sampler.dtype)
+                copy.copy(trajectory), embeds[indices].to(self.sampler.device, self.sampler.dtype),
+                teacher_preds=self._teacher_predictions(number, trajectory),
             )
             scores = self._image_scores(batch, images)
             for position, (index, seed) in enumerate(batch):
@@ -259,62 +306,3 @@ class Comparison:
                     **({"quoted_text": self.prompts[index].quoted_text} if self.prompts[index].quoted_text else {}),
                     **scores[position], **self.teacher_scores[(index, seed)],
                 })
-
-
-def _check_names(encoders) -> None:
-    """Refuse a bad candidate name before any image is made."""
-    from ..registry import resolve_encoder
-    from .quantize import QUANTIZATION_METHODS
-
-    for encoder in encoders:
-        if isinstance(encoder, nn.Module) or encoder == TEACHER:
-            continue
-        name = os.fspath(encoder)
-        if name.startswith(f"{TEACHER}@"):
-            if name.partition("@")[2] not in QUANTIZATION_METHODS:
-                raise ValueError(f"{name}: no such quantization method; use one of "
-                                 f"{', '.join(f'{TEACHER}@{method}' for method in QUANTIZATION_METHODS)}.")
-        else:
-            resolve_encoder(name)
-
-
-def _named(encoders) -> dict[str, str | os.PathLike | nn.Module]:
-    """Candidates by the names the report gives them: as given, or a model's `name_or_path`."""
-    if isinstance(encoders, Mapping):
-        return dict(encoders)
-    named = {}
-    for number, encoder in enumerate(encoders):
-        if isinstance(encoder, nn.Module):
-            named[getattr(encoder, "name_or_path", "") or f"encoder-{number}"] = encoder
-        else:
-            named[os.fspath(encoder)] = encoder
-    return named
-
-
-def load_candidate(pipe, name: str, encoder: str | os.PathLike | nn.Module, device) -> Candidate | Skipped:
-    """The candidate `encoder`, named `name`, ready to encode on `device` (or why it cannot run here)."""
-    from ..patching import check_compatible
-    from ..registry import load_encoder
-    from .quantize import QuantizationUnavailable, quantized_teacher
-
-    if isinstance(encoder, nn.Module):
-        return Candidate(name, encoder.eval(), "distilled")
-    spec = os.fspath(encoder)
-    if spec == TEACHER:
-        return Candidate(name, pipe.text_encoder_2, "teacher")
-    if spec.startswith(f"{TEACHER}@"):
-        source = pipe.name_or_path if pipe.name_or_path and _has_teacher_folder(pipe.name_or_path) else None
-        try:
-            quantized = quantized_teacher(pipe.text_encoder_2, spec.partition("@")[2], source=source,
-                                          subfolder="text_encoder_2" if source else None, device=device)
-        except QuantizationUnavailable as error:
-            return Skipped(name, str(error))
-        return Candidate(name, quantized, "quantized")
-    student = load_encoder(spec, dtype=pipe.transformer.dtype)
-    check_compatible(pipe, student)
-    return Candidate(name, student.eval().to(device), "distilled")
-
-
-def _has_teacher_folder(name: str) -> bool:
-    """A pipeline folder holds `text_encoder_2/`; a Hub id is taken to (the load says otherwise if not)."""
-    return not os.path.isdir(name) or os.path.isdir(os.path.join(name, "text_encoder_2"))

@@ -3,8 +3,17 @@
 `Sampler` runs the trainer's own trajectory code (`VisionDistillation.follow`: the transformer's prediction, then the
 scheduler's Euler step, along `flux_schedule`), which is FluxPipeline's sampling loop: the same schedule, guidance and
 initial noise for every encoder, so two images of a prompt and seed differ only by the embeddings. The noise of seed
-`s` is what `FluxPipeline(..., generator=torch.Generator("cpu").manual_seed(s))` draws for one image, so any image of a
-report can be made again with `flux-small-encoder generate --seed s`.
+`s` is what `FluxPipeline(..., generator=torch.Generator("cpu").manual_seed(s))` draws for one image, so a report's
+image is FluxPipeline's own for its prompt, seed and settings (a test checks it bit for bit, batch size 1). What that
+means for making one again:
+
+- a distilled candidate's: `flux-small-encoder generate PROMPT --model MODEL --encoder ENCODER --seed s --steps 20
+  --height 1024 --width 1024 --guidance 3.5 --dtype bfloat16` with the report's settings (`generate` defaults to 28
+  steps, `compare` to 20), on the same device, for a report made with `--batch-size 1` (batched kernels may round
+  differently) and the default `--max-sequence-length 512` (`generate` has no such option);
+- the teacher's, and the `teacher` and `teacher@METHOD` rows: not with `generate`, which always replaces the T5
+  encoder; call `FluxPipeline` with the pipeline's own (or the quantized) `text_encoder_2` and the same settings,
+  `max_sequence_length` and generator.
 """
 
 from __future__ import annotations
@@ -127,10 +136,13 @@ class Sampler:
         )
 
     @torch.no_grad()
-    def images(self, trajectory: Trajectory, embeds: torch.Tensor) -> torch.Tensor:
-        """Sample from the start of `trajectory` (left as it is) with `embeds`; `(batch, 3, size, size)` uint8."""
+    def images(
+        self, trajectory: Trajectory, embeds: torch.Tensor, predictions: list[torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """Sample from the start of `trajectory` (left as it is) with `embeds`; `(batch, 3, size, size)` uint8. Each
+        step's prediction is appended to `predictions` when it is given."""
         trajectory = copy.copy(trajectory)
-        self.objective.follow(trajectory, embeds.to(self.device, self.dtype))
+        self.objective.follow(trajectory, embeds.to(self.device, self.dtype), predictions=predictions)
         return self.decode(trajectory.latents)
 
     @torch.no_grad()
@@ -156,6 +168,10 @@ def encode(encoder: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
 
 # The key of the teacher's own images in an `ImageStore` (a candidate may be called `teacher`).
 REFERENCE = None
+# The teacher image cache's format: bump it when an image comes to depend on something its key does not hold.
+CACHE_FORMAT = 2
+# Values of each tensor that `pipeline_fingerprint` reads.
+SAMPLED_VALUES = 1024
 
 
 class ImageStore:
@@ -194,19 +210,23 @@ class ImageStore:
 class TeacherImageCache:
     """The teacher's images on disk, one PNG per key, so that a new candidate or a re-run never makes them again.
 
-    The key is the model, the prompt, the seed, the generation settings and the dtype; the file name holds its hash,
-    and the PNG's text chunk the key itself.
+    The key is the pipeline by content (`pipeline_fingerprint`, and its revision when given), the prompt, the seed, the
+    generation settings, the dtype and `CACHE_FORMAT`; the file name holds its hash, and the PNG's text chunk the key
+    itself. A path or repo id is no part of it: the same folder holding retrained weights, another revision, or the
+    same weights under another path are told apart (or found again) by what they hold.
 
     Args:
         folder: Where the images live (created when the first one is written).
-        model: The model's identity (a Hub id or folder, or a fingerprint of an in-memory pipeline).
+        pipeline: The pipeline's `pipeline_fingerprint`.
+        revision: The pipeline's Hub revision, if it was loaded from the Hub with one.
     """
 
-    def __init__(self, folder: str | os.PathLike, model: str):
-        self.folder, self.model = Path(folder), model
+    def __init__(self, folder: str | os.PathLike, pipeline: str, revision: str | None = None):
+        self.folder, self.pipeline, self.revision = Path(folder), pipeline, revision
 
     def key(self, prompt: str, seed: int, settings: GenerationSettings, dtype: torch.dtype) -> dict:
-        return {"model": self.model, "prompt": prompt, "seed": seed, **asdict(settings), "dtype": str(dtype)}
+        return {"format": CACHE_FORMAT, "pipeline": self.pipeline, "revision": self.revision, "prompt": prompt,
+                "seed": seed, **asdict(settings), "dtype": str(dtype)}
 
     def path(self, key: dict) -> Path:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
@@ -231,14 +251,48 @@ def to_pil(image: torch.Tensor):
 
 
 def pipeline_identity(pipe) -> str:
-    """What names a pipeline's weights in cache keys: its Hub id or folder, else a fingerprint of its weights."""
-    if pipe.name_or_path:
-        return str(pipe.name_or_path)
+    """A pipeline's name in reports: its Hub id or folder (not its identity in the cache: `pipeline_fingerprint`)."""
+    return str(pipe.name_or_path) if pipe.name_or_path else "an in-memory pipeline"
+
+
+def pipeline_fingerprint(pipe) -> str | None:
+    """What the teacher's images depend on in `pipe`, by content, read from memory (what runs, wherever it came from):
+    the configs of its transformer, VAE and text encoders and, for each of their tensors, its name, dtype, shape and
+    about `SAMPLED_VALUES` evenly spaced values; its scheduler's config; its tokenizers' vocabularies.
+
+    Weights that were retrained, fine-tuned, fused with a LoRA or quantized change it; an edit confined to values
+    between the samples would not, the price of not hashing gigabytes at every run. Its cost is per tensor, not per
+    byte: 1.8 ms for a T5-Base-shaped encoder's 112 tensors on one CPU thread, so some 30 ms for FLUX.1's 1,824.
+
+    Returns:
+        The hash, or `None` where some weights cannot be read (offloaded to the meta device, or in a tensor type that
+        cannot be sampled): the teacher's images are then not cached.
+    """
     digest = hashlib.sha256()
-    for component in ("transformer", "text_encoder", "text_encoder_2", "vae"):
-        module = getattr(pipe, component, None)
-        for key, tensor in (module.state_dict().items() if isinstance(module, nn.Module) else ()):
-            digest.update(f"{component}.{key}{tuple(tensor.shape)}".encode())
-            if tensor.device.type != "meta":
-                digest.update(tensor.detach().flatten()[:64].float().cpu().numpy().tobytes())
-    return f"in-memory:{digest.hexdigest()[:16]}"
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2"):
+        module = getattr(pipe, name, None)
+        digest.update(f"{name}:{json.dumps(_plain_config(module), sort_keys=True, default=str)}".encode())
+        for key, tensor in sorted(module.state_dict().items() if isinstance(module, nn.Module) else ()):
+            if tensor.device.type == "meta":
+                return None
+            digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            try:
+                flat = tensor.detach().reshape(-1)
+                sample = flat[:: max(1, flat.numel() // SAMPLED_VALUES)].float().cpu()
+            except (RuntimeError, NotImplementedError, TypeError):
+                return None
+            digest.update(sample.numpy().tobytes())
+    digest.update(json.dumps(_plain_config(pipe.scheduler), sort_keys=True, default=str).encode())
+    for name in ("tokenizer", "tokenizer_2"):
+        tokenizer = getattr(pipe, name, None)
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items()) if tokenizer is not None else None).encode())
+    return digest.hexdigest()
+
+
+def _plain_config(component) -> dict | None:
+    """A component's config without the keys that name where it was loaded from or by which library version."""
+    config = getattr(component, "config", None)
+    if config is None:
+        return None
+    config = dict(config) if isinstance(config, dict) else config.to_dict()
+    return {key: value for key, value in config.items() if not key.startswith("_") and not key.endswith("_version")}

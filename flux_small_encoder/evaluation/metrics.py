@@ -1,13 +1,16 @@
 """The metrics of a candidate encoder against the teacher, per image and per prompt.
 
-Pixels are compared with torchmetrics (PSNR, SSIM) on `[0, 1]` images; embeddings with the cosine and the mean squared
-error of the whole `(tokens, width)` embedding (padding included: the transformer reads it, there is no mask);
-prompt adherence with a local CLIP model. Which way each metric is better is in `HIGHER_IS_BETTER`.
+Pixels are compared with torchmetrics (PSNR, SSIM, and LPIPS where its network is on this machine) on `[0, 1]`
+images; embeddings with the cosine and the mean squared error of the whole `(tokens, width)` embedding (padding
+included: the transformer reads it, there is no mask); prompt adherence with a local CLIP model. Which way each metric
+is better is in `HIGHER_IS_BETTER`.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +25,7 @@ PSNR_CAP_DB = 100.0
 HIGHER_IS_BETTER = {
     "psnr": True,
     "ssim": True,
+    "lpips": False,
     "embedding_cosine": True,
     "embedding_mse": False,
     "trajectory_error": False,
@@ -35,6 +39,7 @@ RANKING_METRIC = "ssim"
 METRIC_LABELS = {
     "psnr": "PSNR (dB)",
     "ssim": "SSIM",
+    "lpips": "LPIPS (AlexNet)",
     "embedding_cosine": "embedding cosine",
     "embedding_mse": "embedding MSE",
     "trajectory_error": "trajectory error",
@@ -60,6 +65,50 @@ def image_metrics(images: torch.Tensor, references: torch.Tensor) -> dict[str, l
                                    dim=(1, 2, 3))
     ssim = structural_similarity_index_measure(images, references, data_range=1.0, reduction="none")
     return {"psnr": psnr.clamp(max=PSNR_CAP_DB).tolist(), "ssim": ssim.tolist()}
+
+
+def lpips_unavailable() -> str | None:
+    """Why LPIPS cannot run here without downloading anything, or `None` when it can.
+
+    torchmetrics ships LPIPS's linear layers; its AlexNet backbone comes from torchvision, with ImageNet weights that
+    torchvision downloads on first use. Here they must already be in torch's hub cache: nothing is downloaded.
+    """
+    if importlib.util.find_spec("torchvision") is None:
+        return ("torchvision is not installed (LPIPS takes its AlexNet from it: pip install the torchvision release "
+                "built for your torch)")
+    try:
+        from torchvision.models import AlexNet_Weights
+    except (ImportError, RuntimeError, OSError) as error:  # a torchvision built for another torch fails on import
+        return f"torchvision cannot be imported: {error}"
+    weights = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(AlexNet_Weights.DEFAULT.url)
+    if not weights.is_file():
+        return (f"the AlexNet weights LPIPS needs are not at {weights}, and nothing is downloaded here: fetch them "
+                "once with python -c \"import torchvision; torchvision.models.alexnet(weights='DEFAULT')\"")
+    return None
+
+
+class LpipsScorer:
+    """LPIPS (torchmetrics' `LearnedPerceptualImagePatchSimilarity`, AlexNet): 0 for identical images, higher the
+    more they differ to a human eye. Build it only where `lpips_unavailable()` is `None`.
+
+    Args:
+        device: Where the network runs.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        self.metric = LearnedPerceptualImagePatchSimilarity(net_type="alex", reduction="none", normalize=True)
+        self.metric.to(device)
+        self.device = device
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, references: torch.Tensor) -> list[float]:
+        """The LPIPS of each `[0, 1]` image `(batch, 3, height, width)` against its reference."""
+        self.metric.update(images.float().to(self.device), references.float().to(self.device))
+        scores = self.metric.compute()
+        self.metric.reset()
+        return scores.reshape(-1).double().tolist()
 
 
 def embedding_metrics(embeds: torch.Tensor, teacher_embeds: torch.Tensor) -> dict[str, list[float]]:

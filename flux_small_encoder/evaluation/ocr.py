@@ -58,14 +58,27 @@ class TextReader:
         return character_accuracy(expected, self.read(image))
 
 
+INSTALL_HINT = "pip install 'flux-small-encoder[eval]'"
+
+
+def ocr_unavailable() -> str | None:
+    """Why text cannot be read here (rapidocr-onnxruntime missing or broken), or `None`: checked before any work."""
+    try:
+        import rapidocr_onnxruntime  # noqa: F401
+    except ImportError as error:
+        if error.name == "rapidocr_onnxruntime":
+            return f"rapidocr-onnxruntime is not installed ({INSTALL_HINT})"
+        return f"rapidocr-onnxruntime cannot be imported: {error} ({INSTALL_HINT})"
+    return None
+
+
 @functools.cache
 def _engine():
-    try:
-        from rapidocr_onnxruntime import RapidOCR
-    except ImportError as error:
-        raise ImportError(
-            "OCR needs rapidocr-onnxruntime: pip install 'flux-small-encoder[eval]' (or ocr=False / --no-ocr)."
-        ) from error
+    reason = ocr_unavailable()
+    if reason is not None:
+        raise ImportError(f"OCR needs rapidocr-onnxruntime: {reason} (or ocr=False / --no-ocr).")
+    from rapidocr_onnxruntime import RapidOCR
+
     # Detection scales the longer side down to 960 px at most, and never up: RapidOCR's default scales the shorter
     # side up to 736 px, which makes a 32 px test image 736 x 736 and a 72 px banner 3,000 px wide, for nothing.
     return RapidOCR(det_limit_type="max", det_limit_side_len=960)

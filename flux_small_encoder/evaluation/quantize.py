@@ -1,4 +1,14 @@
-"""`teacher@METHOD`: the pipeline's own T5 encoder, loaded again through a quantization library's transformers config.
+"""`teacher@METHOD`: the pipeline's own T5 encoder, quantized by a quantization library, from the module in memory.
+
+The teacher in memory is what made the reference images, so it is what gets quantized: never files read again by
+name, which may hold another teacher by now (a folder retrained in place, a Hub branch that moved, a pipeline whose
+`text_encoder_2` was replaced after loading) and may need a revision, a token or a network. optimum-quanto and torchao
+quantize a module in place: they get a copy of the teacher that shares its tensors (no second copy of T5-XXL's
+9.5 GB; each library puts new tensors in place of the weights it quantizes, leaving the teacher's as they are), and
+leave in float the modules transformers would (`left_in_float`), so the result is what loading the teacher with the
+method's transformers config gives.
+bitsandbytes quantizes only while loading: the teacher is saved to a temporary folder and loaded back through
+transformers' `BitsAndBytesConfig`.
 
 Each method is an optional extra: `pip install flux-small-encoder[quanto]` (runs on a CPU), `[torchao]`, `[bnb]`
 (bitsandbytes: CUDA only). A method whose library or hardware is missing is skipped with its reason, never silently.
@@ -24,49 +34,56 @@ class QuantizationMethod:
         module: The library's import name.
         extra: The `flux-small-encoder` extra that installs it.
         needs_cuda: Whether it runs only on CUDA devices.
-        config: Makes the transformers quantization config.
+        quantize: `quantize(teacher, device)`: the quantized encoder on `device`, the teacher left as it was.
     """
 
     module: str
     extra: str
     needs_cuda: bool
-    config: Callable[[], object]
+    quantize: Callable[[nn.Module, torch.device], nn.Module]
 
 
-def _bnb_nf4():
-    from transformers import BitsAndBytesConfig
+def _quanto_int8(teacher: nn.Module, device: torch.device) -> nn.Module:
+    from optimum.quanto import freeze, qint8, quantize
 
-    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
-
-
-def _bnb_int8():
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(load_in_8bit=True)
+    encoder = sharing_copy(teacher)
+    quantize(encoder, weights=qint8, exclude=sorted(left_in_float(encoder)))
+    freeze(encoder)  # int8 weights in place of the float ones
+    return encoder.to(device)
 
 
-def _torchao_int8():
-    from torchao.quantization import Int8WeightOnlyConfig
-    from transformers import TorchAoConfig
+def _torchao_int8(teacher: nn.Module, device: torch.device) -> nn.Module:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    return TorchAoConfig(Int8WeightOnlyConfig())  # torchao 0.18 refuses the old string names
+    encoder = sharing_copy(teacher).to(device)  # torchao picks its kernels by the weights' device
+    kept = left_in_float(encoder)
+    quantize_(encoder, Int8WeightOnlyConfig(), filter_fn=lambda module, name: (
+        isinstance(module, nn.Linear) and name not in kept))
+    return encoder
 
 
-def _quanto_int8():
-    from transformers import QuantoConfig
+def _bitsandbytes(**config) -> Callable[[nn.Module, torch.device], nn.Module]:
+    def load_quantized(teacher: nn.Module, device: torch.device) -> nn.Module:
+        from transformers import BitsAndBytesConfig
 
-    return QuantoConfig(weights="int8")
+        with tempfile.TemporaryDirectory(prefix="flux-small-encoder-teacher-") as folder:
+            teacher.save_pretrained(folder)
+            return type(teacher).from_pretrained(
+                os.fspath(folder), quantization_config=BitsAndBytesConfig(**config), dtype=teacher.dtype,
+                device_map={"": device},
+            )
+
+    return load_quantized
 
 
 # `teacher@NAME` -> its method.
 QUANTIZATION_METHODS = {
-    "bnb-nf4": QuantizationMethod("bitsandbytes", "bnb", True, _bnb_nf4),
-    "bnb-int8": QuantizationMethod("bitsandbytes", "bnb", True, _bnb_int8),
+    "bnb-nf4": QuantizationMethod("bitsandbytes", "bnb", True, _bitsandbytes(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)),
+    "bnb-int8": QuantizationMethod("bitsandbytes", "bnb", True, _bitsandbytes(load_in_8bit=True)),
     "torchao-int8": QuantizationMethod("torchao", "torchao", False, _torchao_int8),
     "quanto-int8": QuantizationMethod("optimum.quanto", "quanto", False, _quanto_int8),
 }
-
-
 class QuantizationUnavailable(RuntimeError):
     """A quantization method cannot run here; the message says why and what would fix it."""
 
@@ -94,22 +111,13 @@ def check_method(name: str, device: torch.device | str) -> QuantizationMethod:
 
 
 def quantized_teacher(
-    teacher: nn.Module,
-    name: str,
-    *,
-    source: str | None = None,
-    subfolder: str | None = None,
-    dtype: torch.dtype | None = None,
-    device: torch.device | str = "cpu",
+    teacher: nn.Module, name: str, *, dtype: torch.dtype | None = None, device: torch.device | str = "cpu"
 ) -> nn.Module:
-    """The teacher quantized by method `name`, loaded with transformers' `from_pretrained(quantization_config=...)`.
+    """The teacher in memory quantized by method `name`, in eval mode; the teacher itself is left as it was.
 
     Args:
-        teacher: The pipeline's T5 encoder (its class loads the quantized copy; it is saved to a temporary folder
-            first when `source` is not given).
+        teacher: The pipeline's T5 encoder (a transformers model: its class and config make the copy).
         name: A key of `QUANTIZATION_METHODS`.
-        source: The pipeline's Hub id or folder, to read the teacher's weights from instead of saving them.
-        subfolder: The teacher's subfolder in `source` (`text_encoder_2`).
         dtype: The dtype of the layers left unquantized; default: the teacher's.
         device: Where the quantized encoder runs.
 
@@ -117,9 +125,34 @@ def quantized_teacher(
         QuantizationUnavailable: the method cannot run here (`check_method`).
     """
     method = check_method(name, device)
-    kwargs = {"quantization_config": method.config(), "dtype": dtype or teacher.dtype, "device_map": {"": device}}
-    if source is not None:
-        return type(teacher).from_pretrained(source, subfolder=subfolder, **kwargs).eval()
-    with tempfile.TemporaryDirectory(prefix="flux-small-encoder-teacher-") as folder:
-        teacher.save_pretrained(folder)
-        return type(teacher).from_pretrained(os.fspath(folder), **kwargs).eval()
+    if dtype is not None and dtype != teacher.dtype:
+        teacher = sharing_copy(teacher).to(dtype)
+    return method.quantize(teacher, torch.device(device)).eval().requires_grad_(False)
+
+
+def left_in_float(model: nn.Module) -> set[str]:
+    """The modules transformers leaves unquantized when it loads `model` with a quantization config (tied and output
+    embeddings, the last layer, `_keep_in_fp32_modules` such as T5's `wo`), by name: the in-memory methods leave the
+    same ones, so that `teacher@METHOD` is what loading the teacher with the method's transformers config gives."""
+    from transformers.quantizers import HfQuantizer
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skipped = HfQuantizer.get_modules_to_not_convert(model, None, getattr(model, "_keep_in_fp32_modules", None))
+    return {name for name, _ in model.named_modules() if name and not should_convert_module(name, skipped)}
+
+
+def sharing_copy(model: nn.Module) -> nn.Module:
+    """A new `type(model)` built from its config that holds `model`'s own tensors (no memory copied): a library may
+    then swap its modules and weights without touching `model`, nor any offload hook attached to it.
+
+    Raises:
+        QuantizationUnavailable: some of `model`'s tensors are not in memory (offloaded to the meta device).
+    """
+    state = model.state_dict()
+    if any(tensor.device.type == "meta" for tensor in state.values()):
+        raise QuantizationUnavailable("the teacher's weights are offloaded (on the meta device), so there is nothing "
+                                      "in memory to quantize; compare without sequential CPU offload")
+    with torch.device("meta"):
+        copy = type(model)(model.config)
+    copy.load_state_dict(state, assign=True)
+    return copy.eval()

@@ -27,7 +27,10 @@ from .metrics import METRIC_LABELS, RANKING_METRIC
 if TYPE_CHECKING:
     from .results import ComparisonResults
 
-REPORT_FILES = ("index.html", "results.json")
+# What a report folder holds: name -> whether it is a folder. `--overwrite` replaces a folder holding nothing else.
+REPORT_ENTRIES = {"index.html": False, "results.json": False, "images": True, "heatmaps": True, "grids": True}
+# The keys by which a results.json is known to be a comparison's.
+RESULTS_KEYS = {"model", "settings", "seeds", "encoders", "summary", "records"}
 TEMPLATE = "report.html"
 # The difference that reads white in a heat map (on [0, 1] pixels): fixed, so maps compare across candidates.
 HEATMAP_FULL_SCALE = 0.25
@@ -60,18 +63,47 @@ def write_report(results: ComparisonResults, folder: str | os.PathLike, *, overw
 
 
 def check_report_folder(folder: Path, overwrite: bool) -> None:
-    """Refuse a folder that holds a report (unless `overwrite`) or anything else: checked before any image is made."""
+    """Refuse a folder that holds a report (unless `overwrite`) or anything else: checked before any image is made.
+
+    A report is replaced only when the folder holds nothing but a report's own entries (`REPORT_ENTRIES`, the image
+    folders holding PNGs only) and its `results.json` is a comparison's: `--overwrite` replaces the whole folder.
+    """
     if folder.is_file():
         raise FileExistsError(f"{folder} is a file: give a folder for the report.")
     if not folder.is_dir() or not any(folder.iterdir()):
         return
-    if any((folder / name).is_file() for name in REPORT_FILES):
-        if not overwrite:
-            raise FileExistsError(f"{folder} already holds a report: choose another --out, or pass --overwrite to "
-                                  "replace it.")
-        return
-    raise FileExistsError(f"{folder} is not empty and holds no report: choose a new or empty folder for the report "
-                          "(nothing was written).")
+    keep = "choose a new or empty folder for --out, or move what you want to keep out of it (nothing was written)"
+    foreign = _foreign_entries(folder)
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise FileExistsError(f"{folder} holds {shown}, which a report does not: {keep}.")
+    if not _is_results_json(folder / "results.json"):
+        raise FileExistsError(f"{folder} holds no results.json written by compare, so it is not a report: {keep}.")
+    if not overwrite:
+        raise FileExistsError(f"{folder} already holds a report: choose another --out, or pass --overwrite to "
+                              "replace it.")
+
+
+def _foreign_entries(folder: Path) -> list[str]:
+    """What in `folder` a report does not hold, as paths relative to it."""
+    foreign = []
+    for path in sorted(folder.iterdir()):
+        if path.is_symlink() or path.name not in REPORT_ENTRIES or path.is_dir() != REPORT_ENTRIES[path.name]:
+            foreign.append(path.name + ("/" if path.is_dir() else ""))
+        elif path.is_dir():
+            foreign += [
+                inner.relative_to(folder).as_posix() for inner in sorted(path.rglob("*"))
+                if inner.is_symlink() or not (inner.is_dir() or inner.suffix == ".png")
+            ]
+    return foreign
+
+
+def _is_results_json(path: Path) -> bool:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(data, dict) and RESULTS_KEYS <= set(data)
 
 
 def heatmap(image: np.ndarray, reference: np.ndarray) -> np.ndarray:

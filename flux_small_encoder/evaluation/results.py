@@ -15,14 +15,10 @@ from .metrics import HIGHER_IS_BETTER, METRIC_LABELS, PSNR_CAP_DB, RANKING_METRI
 from .prompts import EvalPrompt
 
 WORST_PROMPTS = 5
-# Metrics that are never computed here, and why (said in every report instead of leaving them out silently).
-SKIPPED_METRICS = {
-    "lpips": "skipped: LPIPS needs pretrained network weights that this package does not ship and torchvision, "
-    "which it does not install",
-}
 NOTES = {
     "psnr": f"PSNR in dB on 8-bit images, capped at {PSNR_CAP_DB:g} dB (identical images read {PSNR_CAP_DB:g})",
     "ssim": "SSIM (torchmetrics, Gaussian window 11, data range 1) on 8-bit images scaled to [0, 1]",
+    "lpips": "LPIPS with AlexNet (torchmetrics): a learned perceptual distance, 0 for identical images",
     "embedding_cosine": "cosine of the whole (tokens x width) T5 embedding, padding included, against the teacher's",
     "trajectory_error": "MSE of the transformer's predictions with candidate vs teacher embeddings along the "
     "teacher's trajectory, averaged over steps: the trainer's eval_error",
@@ -42,6 +38,8 @@ class ComparisonResults:
         self.encoders: list[dict] = []
         self.skipped: list[dict] = []
         self.reference: dict = {}
+        # Metric -> why it was not computed (said in every report instead of leaving it out silently).
+        self.skipped_metrics: dict[str, str] = {}
         self._indices = {prompt.text: index for index, prompt in enumerate(prompts)}
 
     # --- filled by the comparison -------------------------------------------------------------------------------
@@ -54,6 +52,9 @@ class ComparisonResults:
 
     def add_skipped(self, name: str, reason: str) -> None:
         self.skipped.append({"encoder": name, "reason": reason})
+
+    def skip_metric(self, name: str, reason: str) -> None:
+        self.skipped_metrics[name] = reason
 
     def add_record(self, record: dict) -> None:
         self.records.append(record)
@@ -126,7 +127,7 @@ class ComparisonResults:
                 for name in METRIC_LABELS
                 if any(name in record for record in self.records)
             },
-            "skipped_metrics": SKIPPED_METRICS,
+            "skipped_metrics": self.skipped_metrics,
             "reference": {**self.reference, "summary": self.reference_summary()},
             "encoders": self.encoders,
             "skipped": self.skipped,

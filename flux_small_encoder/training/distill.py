@@ -112,11 +112,17 @@ class VisionDistillation(nn.Module):
         return (trajectory.latents.float() + dt * teacher_pred.float()).to(teacher_pred.dtype)
 
     @torch.no_grad()
-    def follow(self, trajectory: Trajectory, embeds: torch.Tensor, steps: int | None = None) -> None:
+    def follow(
+        self, trajectory: Trajectory, embeds: torch.Tensor, steps: int | None = None,
+        predictions: list[torch.Tensor] | None = None,
+    ) -> None:
         """Advance `trajectory` through its first `steps` timesteps (default: all) with the predictions `embeds` make:
-        FluxPipeline's sampling loop, so the final latents are the image these embeddings give."""
+        FluxPipeline's sampling loop, so the final latents are the image these embeddings give. Each step's
+        prediction is appended to `predictions` when it is given (the teacher's, for `trajectory_errors`)."""
         for step_index in range(len(self.timesteps) if steps is None else steps):
             pred = self.predict(trajectory, embeds, step_index)
+            if predictions is not None:
+                predictions.append(pred)
             trajectory.latents = self.advance(trajectory, pred, step_index)
 
     def follow_teacher(self, trajectory: Trajectory, steps: int) -> None:
@@ -125,8 +131,16 @@ class VisionDistillation(nn.Module):
         self.follow(trajectory, trajectory.teacher_embeds, steps)
 
     @torch.no_grad()
-    def trajectory_errors(self, trajectory: Trajectory, student_embeds: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def trajectory_errors(
+        self, trajectory: Trajectory, student_embeds: torch.Tensor, teacher_preds: list[torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, ...]:
         """Follow the whole teacher trajectory, comparing the predictions with student and teacher embeddings.
+
+        Args:
+            trajectory: The micro-batch at its first timestep (advanced in place).
+            student_embeds: The student's embeddings of its prompts.
+            teacher_preds: The teacher's prediction at each timestep of this trajectory (`follow` with the teacher's
+                embeddings records them), to reuse instead of computing them again: half the transformer calls.
 
         Returns:
             Per prompt, averaged over the timesteps: the MSE between the two predictions, and the same divided by
@@ -135,7 +149,10 @@ class VisionDistillation(nn.Module):
         steps = len(self.timesteps)
         error, relative_error = 0, 0
         for step_index in range(steps):
-            teacher_pred = self.predict(trajectory, trajectory.teacher_embeds, step_index)
+            if teacher_preds is not None:
+                teacher_pred = teacher_preds[step_index].to(trajectory.latents.device)
+            else:
+                teacher_pred = self.predict(trajectory, trajectory.teacher_embeds, step_index)
             student_pred = self.predict(trajectory, student_embeds, step_index)
             step_error = per_sample_mse(student_pred, teacher_pred)
             error = error + step_error / steps
