@@ -21,10 +21,11 @@ from safetensors import SafetensorError, safe_open
 
 from .configuration import DistilledT5Config
 from .layouts import EMBED_TOKENS_KEY, SHARED_KEY, check_tied_copies, renamed, to_our_keys
+from .messages import few
 from .modeling import DistilledT5EncoderModel
 from .pickled import load_pickled_state_dict
+from .suffixes import PICKLE_SUFFIXES
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # A ComfyUI file carries no config.json; `convert` stores ours in the safetensors header so a round trip loses nothing.
 CONFIG_METADATA_KEY = "distilled_t5_config"
 
@@ -164,16 +165,16 @@ def check_config(
     expected.pop(EMBED_TOKENS_KEY, None)
     problems = []
     if missing := sorted(expected.keys() - shapes.keys()):
-        problems.append(f"missing {_few(missing)}")
+        problems.append(f"missing {few(missing)}")
     if unexpected := sorted(shapes.keys() - expected.keys()):
-        problems.append(f"unexpected {_few(unexpected)}")
+        problems.append(f"unexpected {few(unexpected)}")
     mismatched = [
         f"{key} {list(shapes[key])} (config says {list(expected[key])})"
         for key in sorted(shapes.keys() & expected.keys())
         if shapes[key] != expected[key]
     ]
     if mismatched:
-        problems.append(f"other shapes: {_few(mismatched)}")
+        problems.append(f"other shapes: {few(mismatched)}")
     if problems:
         raise ValueError(
             f"The config does not describe the weights of {source!r}: {'; '.join(problems)}. {fix}"
@@ -291,9 +292,4 @@ def _config_from_json(path: Path, checkpoint: Checkpoint) -> DistilledT5Config:
 
 def _require(shapes: Mapping, keys, source: str = "the checkpoint") -> None:
     if missing := [key for key in keys if key not in shapes]:
-        raise ValueError(f"{source} lacks {_few(missing)}: it is not a complete distilled T5 encoder.")
-
-
-def _few(items: list, limit: int = 5) -> str:
-    shown = ", ".join(map(str, items[:limit]))
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+        raise ValueError(f"{source} lacks {few(missing)}: it is not a complete distilled T5 encoder.")
