@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .configuration import DistilledT5Config
+from .configuration import DistilledT5Config, config_from_dict, parse_config_json, read_config_file
 from .layouts import EMBED_TOKENS_KEY, SHARED_KEY, check_tied_copies, renamed, to_our_keys
 from .messages import few
 from .modeling import DistilledT5EncoderModel
@@ -37,6 +37,7 @@ _FIX_STORED_CONFIG = (
     "Correct the config stored with it (its config.json), or convert the weight file alone: `flux-small-encoder "
     "convert WEIGHTS OUT/` infers the dimensions from the tensor shapes."
 )
+_FIX_HEADER_CONFIG = "Pass the config the checkpoint was trained with (`--config config.json`)."
 INDEX_NAME = "model.safetensors.index.json"
 _SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
@@ -101,7 +102,9 @@ def read_checkpoint(path: str | os.PathLike, *, load_tensors: bool = True) -> Ch
             f"Cannot read {str(path)!r}: expected a folder, a .safetensors file or a {'/'.join(PICKLE_SUFFIXES)} file."
         )
     if config is None and CONFIG_METADATA_KEY in metadata:
-        config = DistilledT5Config.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        source = f"The config in the header of {str(path)!r}"
+        config = config_from_dict(parse_config_json(metadata[CONFIG_METADATA_KEY], source, _FIX_HEADER_CONFIG),
+                                  source, _FIX_HEADER_CONFIG)
 
     layout, renames = to_our_keys(list(shapes), str(path))
     if tensors is not None:
@@ -275,16 +278,14 @@ def _read_safetensors(files: list[Path], load_tensors: bool):
 
 
 def _config_from_json(path: Path, checkpoint: Checkpoint) -> DistilledT5Config:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Cannot read the config {str(path)!r} ({error}): pass a config.json file.") from None
+    source, fix = f"The config {str(path)!r}", "Pass the config.json the checkpoint was trained with."
+    raw = read_config_file(path, source, fix)
     for key in ("model_type", "architectures", "transformers_version"):
         raw.pop(key, None)
     if "project_out_dim" not in raw:  # a plain T5 config: the projector's width comes from the weights
         _require(checkpoint.shapes, ("final_projection.0.weight",), checkpoint.source)
         raw["project_out_dim"] = checkpoint.shapes["final_projection.0.weight"][0]
-    return DistilledT5Config.from_dict({**raw, "architectures": ["DistilledT5EncoderModel"]})
+    return config_from_dict({**raw, "architectures": ["DistilledT5EncoderModel"]}, source, fix)
 
 
 # --- small helpers -------------------------------------------------------------------------------------------------

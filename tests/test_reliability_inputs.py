@@ -286,33 +286,65 @@ def test_index_naming_a_shard_outside_the_folder_is_refused(where, sharded, tmp_
 # --- config.json values (item 14) -----------------------------------------------------------------------------------
 
 
+NOT_AN_OBJECT = 'not an object of config fields ({"d_model": ..., ...})'
+FEED_FORWARD = (
+    "feed_forward_proj must be an activation of transformers' ACT2FN, alone or as 'gated-ACT' (such as 'relu' or "
+    "'gated-gelu'), not 'weird-thing'"
+)
 BAD_CONFIGS = {
     "negative": ({"d_model": -16}, "is invalid: d_model must be a whole number above 0, not -16"),
     "fraction": ({"num_heads": 2.5}, "is invalid: num_heads must be a whole number above 0, not 2.5"),
     "text": ({"num_layers": "2"}, "is invalid: num_layers must be a whole number above 0, not '2'"),
     "zero": ({"vocab_size": 0}, "is invalid: vocab_size must be a whole number above 0, not 0"),
+    "dropout": ({"dropout_rate": 5}, "is invalid: dropout_rate must be a probability from 0 to 1, not 5"),
+    "activation": ({"feed_forward_proj": "weird-thing"}, f"is invalid: {FEED_FORWARD}"),
     "not json": (
-        None, "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
+        "{not json", "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
     ),
+    "list": ("[1, 2]", f"holds a JSON list, {NOT_AN_OBJECT}"),
+    "null": ("null", f"holds null, {NOT_AN_OBJECT}"),
+    "deeply nested": ("[" * 100_000 + "]" * 100_000, "is nested too deeply to be a config"),
 }
 
 
 def _break_config(folder: Path, case: str) -> str:
+    """Break the config.json in `folder` as `case` says; return what the refusal says of it."""
     changes, problem = BAD_CONFIGS[case]
-    if changes is None:
-        (folder / "config.json").write_text("{not json")
+    if isinstance(changes, str):
+        (folder / "config.json").write_text(changes)
     else:
         edit_config(folder, **changes)
-    return f"The config.json of '{folder}' {problem}. {FIX_CONFIG_FILE}"
+    return problem
 
 
 @pytest.mark.parametrize("case", BAD_CONFIGS)
-def test_bad_config_values_are_one_line(case, saved, capsys):
-    expected = _break_config(saved, case)
-    assert cli_error(["info", str(saved)], capsys) == f"error: {expected}"
-    with pytest.raises(ValueError) as refused:
-        load_encoder(saved)
-    assert str(refused.value) == expected
+def test_bad_config_values_are_one_line(case, saved, tmp_path, make_pipe, capsys):
+    expected = f"The config.json of '{saved}' {_break_config(saved, case)}. {FIX_CONFIG_FILE}"
+    before = contents(tmp_path)
+    for argv in (
+        ["info", str(saved)], ["convert", str(saved), str(tmp_path / "out")], ["push", str(saved), "me/encoder"],
+        ["plan", "--vram", "24", "--encoder", str(saved)],
+    ):
+        assert cli_error(argv, capsys) == f"error: {expected}", argv[0]
+    for load in (load_encoder, lambda folder: patch_encoder(make_pipe(), folder)):
+        with pytest.raises(ValueError) as refused:
+            load(saved)
+        assert str(refused.value) == expected
+    assert contents(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_given_to_convert_is_one_line(case, student, tmp_path, capsys):
+    torch.save(student.state_dict(), tmp_path / "experiment.pth")
+    (tmp_path / "given").mkdir()
+    (tmp_path / "given" / "config.json").write_text(json.dumps(student.config.to_dict()))
+    problem = _break_config(tmp_path / "given", case)
+    config = tmp_path / "given" / "config.json"
+    argv = ["convert", str(tmp_path / "experiment.pth"), str(tmp_path / "out"), "--config", str(config)]
+    assert cli_error(argv, capsys) == (
+        f"error: The config '{config}' {problem}. Pass the config.json the checkpoint was trained with."
+    )
+    assert not (tmp_path / "out").exists()
 
 
 # --- generate (item 14) ---------------------------------------------------------------------------------------------
