@@ -21,7 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from .configuration import DistilledT5Config, config_from_dict, parse_config_json, read_config_file
 from .layouts import EMBED_TOKENS_KEY, SHARED_KEY, check_tied_copies, renamed, to_our_keys
-from .messages import few
+from .messages import few, not_a_regular_file
 from .modeling import DistilledT5EncoderModel
 from .pickled import load_pickled_state_dict
 from .suffixes import PICKLE_SUFFIXES
@@ -82,13 +82,15 @@ def read_checkpoint(path: str | os.PathLike, *, load_tensors: bool = True) -> Ch
     path = Path(path)
     if path.is_dir():
         files, config = weight_files(path), DistilledT5Config.from_pretrained(path)
-    elif path.is_file():
+    elif (kind := not_a_regular_file(path)) is None:
         files, config = [path], None
-    else:
+    elif kind == "missing":
         raise FileNotFoundError(
             f"No checkpoint at {str(path)!r}: it is neither a folder nor a file. For a registry name or a Hub repo "
             "id, fetch it first (`hub.download`)."
         )
+    else:
+        raise ValueError(f"{str(path)!r} is {kind}, not a checkpoint file or folder: point to the weights themselves.")
 
     metadata = {}
     if path.suffix in PICKLE_SUFFIXES:
@@ -221,23 +223,41 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     `model.safetensors`.
 
     Raises:
-        ValueError: the folder holds no config.json or no weights, or its index is not one `save_pretrained` writes
-            (such as one naming a shard outside the folder, `../x` or `/etc/passwd`: nothing is read from there).
+        ValueError: the folder holds no config.json or no weights, one of them is no regular file (a pipe, a device),
+            its index names a shard the folder lacks, or is not one `save_pretrained` writes (such as one naming a
+            shard outside the folder, `../x` or `/etc/passwd`: nothing is read from there).
     """
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    if not _is_file(folder / "config.json", "point to a folder written by `save_pretrained`"):
         raise ValueError(
             f"The folder {str(folder)!r} holds no config.json: point to a folder written by `save_pretrained`, or to "
             "the weight file itself."
         )
-    if (folder / INDEX_NAME).is_file():
-        return [folder / name for name in _shard_names(folder / INDEX_NAME)]
-    if (folder / "model.safetensors").is_file():
+    index = folder / INDEX_NAME
+    if _is_file(index, "re-save the model, or remove the index if the folder holds a single model.safetensors"):
+        shards = [folder / name for name in _shard_names(index)]
+        for shard in shards:
+            if not _is_file(shard, "fetch or copy it again"):
+                raise ValueError(
+                    f"{str(index)!r} names the shard {shard.name!r}, which the folder does not hold: fetch or copy it "
+                    "again, or re-save the model."
+                )
+        return shards
+    if _is_file(folder / "model.safetensors", "fetch or copy the weights again"):
         return [folder / "model.safetensors"]
     raise ValueError(
         f"The folder {str(folder)!r} holds no model.safetensors. Pickled weights are not read from folders: convert "
         "the .pth file itself (`flux-small-encoder convert FILE.pth OUT/`)."
     )
+
+
+def _is_file(path: Path, fix: str) -> bool:
+    """Whether `path` is a regular file (`False` if it is missing); anything else, such as a pipe or a link to
+    /dev/zero, which would block a reader or never end, is refused with `fix`."""
+    kind = not_a_regular_file(path)
+    if kind not in (None, "missing"):
+        raise ValueError(f"{str(path)!r} is {kind}, not a file: {fix}.")
+    return kind is None
 
 
 def _shard_names(index: Path) -> list[str]:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .messages import not_a_regular_file
 from .suffixes import CHECKPOINT_FILE_SUFFIXES
 
 if TYPE_CHECKING:
@@ -167,16 +168,17 @@ def resolve_encoder(
             f"load revision {revision!r}."
         )
     if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
+        config = os.path.join(name, "config.json")
+        if kind := not_a_regular_file(config):
+            found = "holds no config.json" if kind == "missing" else f"holds a config.json that is {kind}, not a file"
             raise ValueError(
-                f"The folder {name!r} holds no config.json: it is not a saved encoder. Point to the folder that "
-                "`save_pretrained` wrote (config.json + model.safetensors)."
+                f"The folder {name!r} {found}: it is not a saved encoder. Point to the folder that `save_pretrained` "
+                "wrote (config.json + model.safetensors)."
             )
         return ResolvedEncoder(name, local=True)
-    if not os.path.isfile(name):
+    if kind := not_a_regular_file(name):
         raise ValueError(
-            f"{name!r} is neither a folder nor a regular file (a dangling link, a device or a pipe): point to the "
-            "folder that `save_pretrained` wrote."
+            f"{name!r} is {kind}, not a folder or a file: point to the folder that `save_pretrained` wrote."
         )
     if not files:
         raise ValueError(

@@ -81,6 +81,47 @@ def no_pipeline_is_loaded(monkeypatch):
     monkeypatch.setattr(FluxPipeline, "from_pretrained", refuse)
 
 
+# --- files that are not what their names say: said as they are ------------------------------------------------------
+
+
+def test_weights_that_are_no_regular_file_are_named_as_what_they_are(saved, make_pipe, capsys):
+    weights = saved / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to("/dev/zero")
+    expected = (
+        f"'{weights}' is a character device (a symlink to /dev/zero), not a file: fetch or copy the weights again."
+    )
+    assert cli_error(["info", str(saved)], capsys) == f"error: {expected}"
+    with pytest.raises(ValueError) as refused:
+        patch_encoder(make_pipe(), saved)
+    assert str(refused.value) == expected
+
+
+def test_a_config_that_is_a_pipe_is_named_as_one_and_never_opened(saved, capsys):
+    (saved / "config.json").unlink()
+    os.mkfifo(saved / "config.json")  # opening it to read would block until someone writes
+    assert cli_error(["info", str(saved)], capsys) == (
+        f"error: The folder '{saved}' holds a config.json that is a named pipe (FIFO), not a file: it is not a saved "
+        "encoder. Point to the folder that `save_pretrained` wrote (config.json + model.safetensors)."
+    )
+    os.mkfifo(saved.parent / "weights.safetensors")
+    assert cli_error(["convert", str(saved.parent / "weights.safetensors"), str(saved.parent / "out")], capsys) == (
+        f"error: '{saved.parent / 'weights.safetensors'}' is a named pipe (FIFO), not a folder or a file: point to "
+        "the folder that `save_pretrained` wrote."
+    )
+
+
+def test_a_missing_shard_is_named(student, tmp_path, capsys):
+    folder = tmp_path / "sharded"
+    student.save_pretrained(folder, max_shard_size="20KB")
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    assert cli_error(["info", str(folder)], capsys) == (
+        f"error: '{folder / INDEX_NAME}' names the shard '{shard.name}', which the folder does not hold: fetch or "
+        "copy it again, or re-save the model."
+    )
+
+
 # --- a config that asks for more than the weights hold (item 11) ----------------------------------------------------
 
 
