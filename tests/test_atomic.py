@@ -153,3 +153,15 @@ def test_leftover_names_of_earlier_versions_are_still_recognised(tmp_path):
     for name in names:
         (tmp_path / name).write_text("")
     assert [path.name for path in leftovers(tmp_path, stale_only=True)] == names[:2]
+
+
+def test_a_cause_chain_that_loops_ends(tmp_path):
+    import threading
+
+    first, second = ValueError("first"), OSError("second")
+    first.__context__, second.__cause__ = second, first  # re-raised while handling its own consequence
+    answers = []
+    reader = threading.Thread(target=lambda: answers.append(atomic.is_disk_full(first)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert answers == [False], "is_disk_full went round the chain forever"
