@@ -11,11 +11,11 @@ was not trained for SD3: judge its images before relying on it, or distil one fo
 from __future__ import annotations
 
 import argparse
-import os
 
 import torch
 
 from flux_small_encoder import load_pipeline, patch_encoder
+from flux_small_encoder.cli.options import check_out, save_image
 
 
 def main(argv: list[str] | None = None):
@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--offload", action="store_true", help="model CPU offload, for GPUs under ~24 GB")
     parser.add_argument("--tiny", action="store_true", help="tiny random models: checks the wiring, offline")
     args = parser.parse_args(argv)
-    if os.path.exists(args.out) and not args.overwrite:
-        parser.error(f"{args.out} already exists: choose another --out, or pass --overwrite to replace it.")
+    try:
+        check_out(args)  # before any model loads: an image that could not be written is refused first
+    except (OSError, ValueError) as error:
+        parser.error(str(error))
 
     from diffusers import StableDiffusion3Pipeline
 
@@ -61,7 +63,7 @@ def main(argv: list[str] | None = None):
         max_sequence_length=256,
         generator=torch.Generator("cpu").manual_seed(args.seed),
     ).images[0]
-    image.save(args.out)
+    save_image(image, args)
     print(f"wrote {args.out}")
     return image
 

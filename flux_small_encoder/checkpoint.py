@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .configuration import DistilledT5Config
+from .configuration import DistilledT5Config, config_from_dict, parse_config_json, read_config_file
 from .layouts import EMBED_TOKENS_KEY, SHARED_KEY, check_tied_copies, renamed, to_our_keys
+from .messages import few, not_a_regular_file
 from .modeling import DistilledT5EncoderModel
 from .pickled import load_pickled_state_dict
+from .suffixes import PICKLE_SUFFIXES
 
-PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # A ComfyUI file carries no config.json; `convert` stores ours in the safetensors header so a round trip loses nothing.
 CONFIG_METADATA_KEY = "distilled_t5_config"
 
@@ -36,6 +37,7 @@ _FIX_STORED_CONFIG = (
     "Correct the config stored with it (its config.json), or convert the weight file alone: `flux-small-encoder "
     "convert WEIGHTS OUT/` infers the dimensions from the tensor shapes."
 )
+_FIX_HEADER_CONFIG = "Pass the config the checkpoint was trained with (`--config config.json`)."
 INDEX_NAME = "model.safetensors.index.json"
 _SAFETENSORS_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
@@ -80,13 +82,15 @@ def read_checkpoint(path: str | os.PathLike, *, load_tensors: bool = True) -> Ch
     path = Path(path)
     if path.is_dir():
         files, config = weight_files(path), DistilledT5Config.from_pretrained(path)
-    elif path.is_file():
+    elif (kind := not_a_regular_file(path)) is None:
         files, config = [path], None
-    else:
+    elif kind == "missing":
         raise FileNotFoundError(
             f"No checkpoint at {str(path)!r}: it is neither a folder nor a file. For a registry name or a Hub repo "
             "id, fetch it first (`hub.download`)."
         )
+    else:
+        raise ValueError(f"{str(path)!r} is {kind}, not a checkpoint file or folder: point to the weights themselves.")
 
     metadata = {}
     if path.suffix in PICKLE_SUFFIXES:
@@ -100,7 +104,9 @@ def read_checkpoint(path: str | os.PathLike, *, load_tensors: bool = True) -> Ch
             f"Cannot read {str(path)!r}: expected a folder, a .safetensors file or a {'/'.join(PICKLE_SUFFIXES)} file."
         )
     if config is None and CONFIG_METADATA_KEY in metadata:
-        config = DistilledT5Config.from_dict(json.loads(metadata[CONFIG_METADATA_KEY]))
+        source = f"The config in the header of {str(path)!r}"
+        config = config_from_dict(parse_config_json(metadata[CONFIG_METADATA_KEY], source, _FIX_HEADER_CONFIG),
+                                  source, _FIX_HEADER_CONFIG)
 
     layout, renames = to_our_keys(list(shapes), str(path))
     if tensors is not None:
@@ -164,16 +170,16 @@ def check_config(
     expected.pop(EMBED_TOKENS_KEY, None)
     problems = []
     if missing := sorted(expected.keys() - shapes.keys()):
-        problems.append(f"missing {_few(missing)}")
+        problems.append(f"missing {few(missing)}")
     if unexpected := sorted(shapes.keys() - expected.keys()):
-        problems.append(f"unexpected {_few(unexpected)}")
+        problems.append(f"unexpected {few(unexpected)}")
     mismatched = [
         f"{key} {list(shapes[key])} (config says {list(expected[key])})"
         for key in sorted(shapes.keys() & expected.keys())
         if shapes[key] != expected[key]
     ]
     if mismatched:
-        problems.append(f"other shapes: {_few(mismatched)}")
+        problems.append(f"other shapes: {few(mismatched)}")
     if problems:
         raise ValueError(
             f"The config does not describe the weights of {source!r}: {'; '.join(problems)}. {fix}"
@@ -217,23 +223,41 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     `model.safetensors`.
 
     Raises:
-        ValueError: the folder holds no config.json or no weights, or its index is not one `save_pretrained` writes
-            (such as one naming a shard outside the folder, `../x` or `/etc/passwd`: nothing is read from there).
+        ValueError: the folder holds no config.json or no weights, one of them is no regular file (a pipe, a device),
+            its index names a shard the folder lacks, or is not one `save_pretrained` writes (such as one naming a
+            shard outside the folder, `../x` or `/etc/passwd`: nothing is read from there).
     """
     folder = Path(folder)
-    if not (folder / "config.json").is_file():
+    if not _is_file(folder / "config.json", "point to a folder written by `save_pretrained`"):
         raise ValueError(
             f"The folder {str(folder)!r} holds no config.json: point to a folder written by `save_pretrained`, or to "
             "the weight file itself."
         )
-    if (folder / INDEX_NAME).is_file():
-        return [folder / name for name in _shard_names(folder / INDEX_NAME)]
-    if (folder / "model.safetensors").is_file():
+    index = folder / INDEX_NAME
+    if _is_file(index, "re-save the model, or remove the index if the folder holds a single model.safetensors"):
+        shards = [folder / name for name in _shard_names(index)]
+        for shard in shards:
+            if not _is_file(shard, "fetch or copy it again"):
+                raise ValueError(
+                    f"{str(index)!r} names the shard {shard.name!r}, which the folder does not hold: fetch or copy it "
+                    "again, or re-save the model."
+                )
+        return shards
+    if _is_file(folder / "model.safetensors", "fetch or copy the weights again"):
         return [folder / "model.safetensors"]
     raise ValueError(
         f"The folder {str(folder)!r} holds no model.safetensors. Pickled weights are not read from folders: convert "
         "the .pth file itself (`flux-small-encoder convert FILE.pth OUT/`)."
     )
+
+
+def _is_file(path: Path, fix: str) -> bool:
+    """Whether `path` is a regular file (`False` if it is missing); anything else, such as a pipe or a link to
+    /dev/zero, which would block a reader or never end, is refused with `fix`."""
+    kind = not_a_regular_file(path)
+    if kind not in (None, "missing"):
+        raise ValueError(f"{str(path)!r} is {kind}, not a file: {fix}.")
+    return kind is None
 
 
 def _shard_names(index: Path) -> list[str]:
@@ -274,16 +298,14 @@ def _read_safetensors(files: list[Path], load_tensors: bool):
 
 
 def _config_from_json(path: Path, checkpoint: Checkpoint) -> DistilledT5Config:
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Cannot read the config {str(path)!r} ({error}): pass a config.json file.") from None
+    source, fix = f"The config {str(path)!r}", "Pass the config.json the checkpoint was trained with."
+    raw = read_config_file(path, source, fix)
     for key in ("model_type", "architectures", "transformers_version"):
         raw.pop(key, None)
     if "project_out_dim" not in raw:  # a plain T5 config: the projector's width comes from the weights
         _require(checkpoint.shapes, ("final_projection.0.weight",), checkpoint.source)
         raw["project_out_dim"] = checkpoint.shapes["final_projection.0.weight"][0]
-    return DistilledT5Config.from_dict({**raw, "architectures": ["DistilledT5EncoderModel"]})
+    return config_from_dict({**raw, "architectures": ["DistilledT5EncoderModel"]}, source, fix)
 
 
 # --- small helpers -------------------------------------------------------------------------------------------------
@@ -291,9 +313,4 @@ def _config_from_json(path: Path, checkpoint: Checkpoint) -> DistilledT5Config:
 
 def _require(shapes: Mapping, keys, source: str = "the checkpoint") -> None:
     if missing := [key for key in keys if key not in shapes]:
-        raise ValueError(f"{source} lacks {_few(missing)}: it is not a complete distilled T5 encoder.")
-
-
-def _few(items: list, limit: int = 5) -> str:
-    shown = ", ".join(map(str, items[:limit]))
-    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+        raise ValueError(f"{source} lacks {few(missing)}: it is not a complete distilled T5 encoder.")

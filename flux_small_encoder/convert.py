@@ -14,12 +14,14 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from .atomic import atomic_file, atomic_folder
-from .checkpoint import CONFIG_METADATA_KEY, PICKLE_SUFFIXES, read_checkpoint, resolve_config
+from .checkpoint import CONFIG_METADATA_KEY, read_checkpoint, resolve_config
 from .configuration import DistilledT5Config
 from .hub import download
 from .layouts import to_comfyui_keys
+from .messages import few
 from .model_card import TRAINING_CONFIG_NAME
 from .registry import MODEL_FILES
+from .suffixes import PICKLE_SUFFIXES
 
 # What a folder holding a saved encoder may contain (`save_pretrained`, `convert`, a trainer's `final/`, a download):
 # `convert(..., overwrite=True)` replaces only such a folder, or an empty one.
@@ -64,7 +66,7 @@ def convert(
         )
     if dst.exists() and overwrite:
         _check_replaceable(dst)
-    checkpoint = read_checkpoint(download(os.fspath(src)))
+    checkpoint = read_checkpoint(download(src))
     resolved, _ = resolve_config(checkpoint, config)
     state = {key: value.contiguous() for key, value in checkpoint.tensors.items()}
 
@@ -94,11 +96,10 @@ def _check_replaceable(dst: Path) -> None:
         return
     foreign = [name for name in names if not (dst / name).is_file() or not _is_encoder_file(name)]
     if foreign:
-        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise ValueError(
-            f"{refusal}: it holds {shown}, which a saved encoder does not. --overwrite replaces only an empty folder "
-            "or one holding a distilled encoder and nothing else (config.json, weights, tokenizer files, README.md, "
-            f"{TRAINING_CONFIG_NAME}); {keep}."
+            f"{refusal}: it holds {few(foreign)}, which a saved encoder does not. --overwrite replaces only an empty "
+            "folder or one holding a distilled encoder and nothing else (config.json, weights, tokenizer files, "
+            f"README.md, {TRAINING_CONFIG_NAME}); {keep}."
         )
     try:
         is_encoder = "project_out_dim" in json.loads((dst / "config.json").read_text())

@@ -25,10 +25,6 @@ if TYPE_CHECKING:
 
     from .modeling import DistilledT5EncoderModel
 
-# Names ending so are checkpoint files, never registry names or repo ids: a missing one is a missing file.
-CHECKPOINT_FILE_SUFFIXES = (".safetensors", ".json", ".pth", ".pt", ".bin", ".ckpt")
-
-
 def push_to_hub(
     model_or_folder: DistilledT5EncoderModel | str | os.PathLike,
     repo_id: str,
@@ -161,8 +157,8 @@ def download(
 
     Args:
         name_or_repo_id (`str` or `os.PathLike`):
-            A local file (returned as it is), or a name resolved as `patch_encoder` resolves it: a registry name
-            (`list_pretrained()`) first, then a local folder (returned as it is), then a Hub repo id.
+            A name resolved as `patch_encoder` resolves it (`registry.resolve_encoder`): a registry name
+            (`list_pretrained()`), a local folder or weight file (returned as it is), or a Hub repo id.
         revision (`str`, *optional*):
             Branch, tag or commit; defaults to the registry record's revision if it has one, else the default branch.
         cache_dir (`str` or `os.PathLike`, *optional*):
@@ -180,15 +176,11 @@ def download(
         LocalEntryNotFoundError: offline (or `local_files_only`) with the files not cached; the message names the repo
             and the `hf download` command that fetches it.
         FileNotFoundError: a checkpoint file path (`.safetensors`, `.pth`, ...) that does not exist.
-        ValueError: the name is neither registered, a local path, nor a Hub repo id.
+        ValueError: what `resolve_encoder` refuses: a name neither registered, a local path, nor a Hub repo id, or one
+            that is both a local path and a registry name or repo id.
     """
-    name = os.fspath(name_or_repo_id)
-    if os.path.isfile(name):
-        return name
-    if Path(name).suffix in CHECKPOINT_FILE_SUFFIXES:
-        raise FileNotFoundError(f"No such file: {name!r}.")
-    resolved = resolve_encoder(name, revision)
-    if os.path.isdir(resolved.path):
+    resolved = resolve_encoder(name_or_repo_id, revision, files=True)
+    if resolved.local:
         return resolved.path
     repo_id, revision = resolved.path, resolved.revision
     try:

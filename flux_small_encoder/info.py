@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .checkpoint import read_checkpoint, resolve_config
 from .configuration import DistilledT5Config
+from .messages import human_size
 from .patching import PIPELINE_FAMILIES
 
 # Width of T5-XXL's embeddings, the encoder every family in `PIPELINE_FAMILIES` ships with.
@@ -56,7 +57,7 @@ class CheckpointInfo:
             "parameters": f"{self.parameters:,} (encoder {self.encoder_parameters:,}, projector "
             f"{self.projector_parameters:,})",
             "dtype": ", ".join(f"{name} ({count} tensors)" for name, count in self.dtypes.items()),
-            "file size": _human_size(self.file_size),
+            "file size": human_size(self.file_size),
             "fits": fits,
         }
         return "\n".join([self.source, *(f"  {label + ':':<11} {value}" for label, value in rows.items())])
@@ -94,12 +95,3 @@ def fitting_families(width: int) -> list[str]:
     if width != T5_XXL_WIDTH:
         return []
     return [f"{prefix} ({slot.encoder})" for prefix, slot in PIPELINE_FAMILIES.items()]
-
-
-def _human_size(size: float) -> str:
-    if size < 1024:
-        return f"{size} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        size /= 1024
-        if size < 1024 or unit == "TB":
-            return f"{size:.1f} {unit}"

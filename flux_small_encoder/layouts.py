@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import torch
 
+from .messages import few
+
 OURS = "distill-t5"
 COMFYUI = "comfyui"
 SHARED_KEY = "encoder.shared.weight"
@@ -31,7 +33,7 @@ def to_our_keys(keys: list[str], source: str) -> tuple[str, dict[str, str | None
     if ours == comfy:
         detail = "both the distill-t5 and the ComfyUI layout" if ours else "no T5 encoder blocks"
         raise ValueError(
-            f"{source!r} is not a distilled T5 encoder checkpoint: its keys show {detail} ({_few(sorted(keys))})."
+            f"{source!r} is not a distilled T5 encoder checkpoint: its keys show {detail} ({few(sorted(keys))})."
         )
     renames, unknown = {}, []
     for key in keys:
@@ -45,7 +47,7 @@ def to_our_keys(keys: list[str], source: str) -> tuple[str, dict[str, str | None
             unknown.append(key)
         renames[key] = new
     if unknown:
-        raise ValueError(f"{source!r} holds tensors a distilled T5 encoder does not have: {_few(unknown)}.")
+        raise ValueError(f"{source!r} holds tensors a distilled T5 encoder does not have: {few(unknown)}.")
     # The input embedding is tied: keep it once, under the name `save_pretrained` stores it as.
     if embed := next((key for key, new in renames.items() if new == EMBED_TOKENS_KEY), None):
         renames[embed] = None if SHARED_KEY in renames.values() else SHARED_KEY
@@ -78,7 +80,3 @@ def to_comfyui_keys(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
         else:
             out[key] = value
     return out
-
-
-def _few(items: list[str], limit: int = 5) -> str:
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,8 +31,6 @@ from .private_api import forget_peft_adapters, load_peft_adapter
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
-# The encoder's attribute recording the active adapters and their weights, which peft layers keep only as scalings.
-_WEIGHTS_ATTR = "_flux_small_encoder_lora_weights"
 # LoRA's key prefix in peft (`lora_A`, `lora_B`, ...), as `delete_adapter` wants it.
 _LORA_PREFIX = "lora_"
 
@@ -87,6 +86,7 @@ def load_encoder_lora(
     if config.peft_type != PeftType.LORA:
         raise ValueError(f"{adapter} is a {config.peft_type.value} adapter; load_encoder_lora loads LoRA adapters.")
 
+    active = _active_weights(encoder)  # before loading: `load_adapter` makes only the new adapter active
     try:
         with _quiet_load_report():
             # Mismatched shapes are reported below, in one message, instead of transformers' re-raise.
@@ -97,8 +97,10 @@ def load_encoder_lora(
         _check_load_report(report, adapter, adapter_name, type(encoder).__name__)
     except BaseException:
         _remove_adapters(encoder, [adapter_name])
+        if active:
+            set_encoder_lora(encoder, list(active), list(active.values()))
         raise
-    active = {**_active_weights(encoder), adapter_name: weight}
+    active[adapter_name] = weight
     return set_encoder_lora(pipe_or_encoder, list(active), list(active.values()))
 
 
@@ -131,7 +133,6 @@ def set_encoder_lora(pipe_or_encoder, adapter_names: str | list[str], weights: f
     for layer in _lora_layers(encoder):
         for name, weight in zip(names, weights, strict=True):
             layer.set_scale(name, weight)
-    setattr(encoder, _WEIGHTS_ATTR, dict(zip(names, weights, strict=True)))
     return pipe_or_encoder
 
 
@@ -186,7 +187,6 @@ def unload_encoder_lora(pipe_or_encoder, adapter_names: str | list[str] | None =
         )
     remaining = {name: weight for name, weight in _active_weights(encoder).items() if name not in names}
     _remove_adapters(encoder, names)
-    setattr(encoder, _WEIGHTS_ATTR, {})
     if remaining:
         set_encoder_lora(encoder, list(remaining), list(remaining.values()))
     return pipe_or_encoder
@@ -254,8 +254,15 @@ def _adapter_names(encoder) -> list[str]:
 
 
 def _active_weights(encoder) -> dict[str, float]:
-    """The adapters made active by `set_encoder_lora`, with their weights."""
-    return dict(getattr(encoder, _WEIGHTS_ATTR, {}))
+    """The active adapters and their weights, read from the LoRA layers, where peft keeps them (the weight as part of
+    each layer's `scaling`): they stay right when peft's own `set_adapter` or `set_scale` changes them."""
+    weights = {}
+    for layer in _lora_layers(encoder):
+        for name in layer.active_adapters:
+            if name in layer.scaling and name not in weights:
+                rank = math.sqrt(layer.r[name]) if layer.use_rslora.get(name, False) else layer.r[name]
+                weights[name] = layer.scaling[name] / (layer.lora_alpha[name] / rank)  # as `LoraLayer.set_scale` sets
+    return weights
 
 
 def _remove_adapters(encoder, names: list[str]) -> None:

@@ -15,7 +15,8 @@ from torch import nn
 
 from .modeling import DistilledT5EncoderModel
 from .private_api import accelerate_offload, group_offload_config, offload_device
-from .registry import ResolvedEncoder, hub_kwargs, list_pretrained, load_encoder, resolve_encoder
+from .registry import ResolvedEncoder, hub_kwargs, load_encoder, resolve_encoder
+from .torch_utils import as_dtype
 
 # The pipeline's attribute that keeps the encoder replaced by `patch_encoder`, for `unpatch_encoder`.
 _ORIGINAL_ATTR = "_flux_small_encoder_original"
@@ -70,7 +71,7 @@ def patch_encoder(
     pipe,
     encoder: str | os.PathLike | DistilledT5EncoderModel,
     *,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     keep_original: bool = False,
     revision: str | None = None,
@@ -94,8 +95,9 @@ def patch_encoder(
             A pipeline of a supported family (`PIPELINE_FAMILIES`), such as `FluxPipeline`.
         encoder (`str`, `os.PathLike` or `DistilledT5EncoderModel`):
             A registry name (`list_pretrained()`), a folder written by `save_pretrained`, a Hub repo id, or a model.
-        dtype (`torch.dtype`, *optional*):
-            The student's dtype; defaults to the transformer's (FluxPriorRedux: the image embedder's).
+        dtype (`torch.dtype` or `str`, *optional*):
+            The student's dtype, or its name (`"bfloat16"`); defaults to the transformer's (FluxPriorRedux: the image
+            embedder's).
         device (`torch.device` or `str`, *optional*):
             The student's device when no offload is enabled; defaults to the replaced encoder's, else the
             transformer's.
@@ -103,13 +105,15 @@ def patch_encoder(
             Keep a reference to the replaced encoder so that `unpatch_encoder` can put it back. By default it is
             dropped and its memory returned.
         revision (`str`, *optional*):
-            Hub branch, tag or commit of the encoder.
+            Hub branch, tag or commit of the encoder (a local folder has none).
         from_pretrained_kwargs:
             Passed to `DistilledT5EncoderModel.from_pretrained` (`token`, `cache_dir`, `local_files_only`, ...).
 
     Raises:
-        ValueError: the student's width differs from what the transformer expects, or the pipeline's tokenizer makes
-            ids beyond the student's vocabulary. The pipeline is left unchanged.
+        TypeError: `encoder` is none of the kinds above (`registry.resolve_encoder` says which it takes).
+        ValueError: the encoder cannot be resolved (see `registry.resolve_encoder`), its width differs from what the
+            transformer expects, or the pipeline's tokenizer makes ids beyond its vocabulary. The pipeline is left
+            unchanged.
 
     Example:
     ```py
@@ -117,13 +121,7 @@ def patch_encoder(
     >>> patch_encoder(pipe, "t5-base-distilled").to("cuda")
     ```
     """
-    if not isinstance(encoder, (str, os.PathLike, DistilledT5EncoderModel)):
-        raise TypeError(
-            f"patch_encoder takes a registry name ({', '.join(list_pretrained())}), a folder written by "
-            f"`save_pretrained`, a Hub repo id or a DistilledT5EncoderModel, not {type(encoder).__name__}. A plain T5 "
-            "encoder has no projector to the pipeline's width: use a distilled checkpoint (`flux-small-encoder "
-            "convert` reads other layouts)."
-        )
+    dtype = as_dtype(dtype)
     if not isinstance(encoder, DistilledT5EncoderModel):
         encoder = resolve_encoder(encoder, revision)
     return _patch(pipe, encoder, dtype, device, keep_original, from_pretrained_kwargs)
@@ -187,7 +185,8 @@ def load_pipeline(
             it serves every smaller image, while a larger one may exceed the budget.
         from_pretrained_kwargs:
             Passed to `pipeline_cls.from_pretrained` (`dtype`, `revision`, `token`, ...); `token`, `cache_dir`
-            and `local_files_only` apply to the encoder too.
+            and `local_files_only` apply to the encoder too. `dtype` may be a name (`"bfloat16"`), or a dict by
+            component as diffusers takes it.
 
     Example:
     ```py
@@ -196,19 +195,28 @@ def load_pipeline(
     >>> pipe = load_pipeline("black-forest-labs/FLUX.1-dev", dtype=torch.bfloat16, memory_budget="16GiB")
     ```
     """
+    # Bad arguments fail before the pipeline's weights are read.
     if memory_budget is not None:
         from .memory import parse_budget
 
-        parse_budget(memory_budget)  # a bad budget fails before any weight is read
+        parse_budget(memory_budget)
     if pipeline_cls is None:
         from diffusers import FluxPipeline
 
         pipeline_cls = FluxPipeline
     slot = find_encoder_slot(pipeline_cls)
     if not isinstance(encoder, DistilledT5EncoderModel):
-        encoder = resolve_encoder(encoder, encoder_revision)  # a bad name fails before the pipeline's weights are read
+        encoder = resolve_encoder(encoder, encoder_revision)
+    dtypes = {key: from_pretrained_kwargs[key] for key in ("dtype", "torch_dtype") if key in from_pretrained_kwargs}
+    for key, value in dtypes.items():  # diffusers would load a dtype given by name in float32, with a warning
+        dtypes[key] = from_pretrained_kwargs[key] = (
+            {name: as_dtype(item, f"{key}[{name!r}]") for name, item in value.items()}
+            if isinstance(value, dict) else as_dtype(value, key)
+        )
+    dtype = next((value for value in dtypes.values() if value is not None), None)
+    if isinstance(dtype, dict):
+        dtype = dtype.get(slot.encoder, dtype.get("default"))
     pipe = pipeline_cls.from_pretrained(model, **{slot.encoder: None}, **from_pretrained_kwargs)
-    dtype = from_pretrained_kwargs.get("dtype") or from_pretrained_kwargs.get("torch_dtype")
     pipe = _patch(pipe, encoder, dtype, None, False, hub_kwargs(from_pretrained_kwargs))
     if memory_budget is not None:
         from .memory import plan_memory

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from .messages import human_size
+
 
 def load_pickled_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a `torch.save`d state dict (bare, under `"state_dict"` or `"model"`, or from a DDP wrapper).
@@ -66,8 +68,8 @@ def _check_archive(path: Path) -> int:
             stored = sum(record.file_size for record in records)
             if stored > path.stat().st_size:
                 raise ValueError(
-                    f"Refusing to load {str(path)!r}: its records would expand to {_size(stored)} from a "
-                    f"{_size(path.stat().st_size)} file (`torch.save` stores them uncompressed). Nothing was "
+                    f"Refusing to load {str(path)!r}: its records would expand to {human_size(stored)} from a "
+                    f"{human_size(path.stat().st_size)} file (`torch.save` stores them uncompressed). Nothing was "
                     "unpacked; if the file is yours, save the state dict again with `torch.save` or "
                     "`safetensors.torch.save_file`."
                 )
@@ -92,8 +94,8 @@ def _check_expansion(path: Path, state: Mapping[str, torch.Tensor], stored: int)
     expanded = sum(view.numel() * view.element_size() for view in views.values())
     if expanded > stored:
         raise ValueError(
-            f"Refusing to load {str(path)!r}: its tensors describe {_size(expanded)} of data but the file stores "
-            f"{_size(stored)} (views that repeat the same storage). Save each tensor whole (`.contiguous()`) and "
+            f"Refusing to load {str(path)!r}: its tensors describe {human_size(expanded)} of data but the file stores "
+            f"{human_size(stored)} (views that repeat the same storage). Save each tensor whole (`.contiguous()`) and "
             "try again."
         )
 
@@ -104,7 +106,3 @@ def _view_key(tensor: torch.Tensor) -> tuple:
 
 def _all_tensors(mapping: Mapping) -> bool:
     return bool(mapping) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in mapping.items())
-
-
-def _size(size: int) -> str:
-    return f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.1f} KB"

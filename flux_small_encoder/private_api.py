@@ -2,9 +2,10 @@
 
 A private name may move or change shape in any release of its library. The package reaches each one only through a
 function here. `PRIVATE_NAMES` lists those that can be looked up in their module, with the parameters they are called
-with; the two attributes that are only set at run time (`OFFLOAD_DEVICE_ATTRIBUTE`, `ACCELERATE_HOOK_ATTRIBUTE`) are
-checked by running what sets them. `tests/test_private_api.py` checks all of them against the installed versions and
-fails naming them, so an upgrade that moves a name breaks one test here rather than a user's run.
+with; the three attributes that are only set at run time (`OFFLOAD_DEVICE_ATTRIBUTE`, `ACCELERATE_HOOK_ATTRIBUTE`,
+`WEIGHT_CONVERSIONS_ATTRIBUTE`) are checked by running what sets them. `tests/test_private_api.py` checks all of them
+against the installed versions and fails naming them, so an upgrade that moves a name breaks one test here rather than
+a user's run.
 """
 
 from __future__ import annotations

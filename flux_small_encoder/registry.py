@@ -9,6 +9,9 @@ from typing import TYPE_CHECKING
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
+from .messages import not_a_regular_file
+from .suffixes import CHECKPOINT_FILE_SUFFIXES
+
 if TYPE_CHECKING:
     import torch
 
@@ -104,30 +107,95 @@ def is_repo_id(name: str | None) -> bool:
 
 @dataclass(frozen=True)
 class ResolvedEncoder:
-    """Where an `encoder` argument points: a local folder, or a Hub repo (and revision) to load from."""
+    """Where an `encoder` argument points: a local folder (or file), or a Hub repo (and revision) to load from.
+
+    Args:
+        path: The local path, or the Hub repo id.
+        revision: The Hub revision; always `None` for a local path.
+        spec: The registry record, for a registry name.
+        local: Whether `path` is a local path: only then is it read from the disk, never from a folder that happens
+            to have a repo id's name.
+    """
 
     path: str
     revision: str | None = None
     spec: PretrainedSpec | None = None
+    local: bool = False
 
 
-def resolve_encoder(encoder: str | os.PathLike, revision: str | None = None) -> ResolvedEncoder:
-    """Resolve an encoder name: a registry name first, then a local folder, then a Hub repo id.
+def resolve_encoder(
+    encoder: str | os.PathLike, revision: str | None = None, *, files: bool = False
+) -> ResolvedEncoder:
+    """Resolve an `encoder` argument, the one way every function and command does: a registry name, a local path, or
+    a Hub repo id.
 
-    Anything else raises a `ValueError` that lists the registered names, instead of silently loading other weights.
+    A string that names both a local path and a registry entry or a Hub repo id is refused as ambiguous, as timm's
+    `parse_model_name` refuses one, rather than loading different weights in different places: `./NAME` (or an
+    `os.PathLike`) always means the local path. Anything that is none of the three raises a `ValueError` that lists
+    the registered names.
+
+    Args:
+        encoder: A registry name (`list_pretrained()`), a folder written by `save_pretrained`, or a Hub repo id.
+        revision: Hub branch, tag or commit (overrides a registry record's); refused for a local path, which has none.
+        files: Also accept a single weight file (`.safetensors`, `.pth`, ...), as `info` and `convert` do. Elsewhere a
+            file is refused with the `convert` command that makes a folder of it.
+
+    Raises:
+        TypeError: `encoder` is not a string or a path.
+        ValueError: the name is ambiguous or unknown, or a local path is not a saved encoder or is given a revision.
+        FileNotFoundError: a checkpoint file name (`.safetensors`, `.pth`, ...) that does not exist.
     """
-    name = os.fspath(encoder)
+    if not isinstance(encoder, (str, os.PathLike)):
+        raise TypeError(
+            f"An encoder is named by a registry name ({', '.join(list_pretrained())}), a folder written by "
+            f"`save_pretrained` or a Hub repo id ('owner/name'), not by {type(encoder).__name__}"
+            + (f" {encoder!r}" if isinstance(encoder, (int, float, bytes)) else "")
+            + ". patch_encoder and load_pipeline also take a DistilledT5EncoderModel; a plain T5 encoder has no "
+            "projector to the pipeline's width (`flux-small-encoder convert` reads other checkpoint layouts)."
+        )
+    name = os.fsdecode(encoder)
+    if not os.path.lexists(name):
+        return _resolve_name(name, revision)
+    if isinstance(encoder, str) and (name in _REGISTRY or is_repo_id(name)):
+        meant = "a registered encoder" if name in _REGISTRY else "a Hub repo id"
+        raise ValueError(
+            f"{name!r} is both {meant} and a local path: pass ./{name} for the local one, or move it out of the "
+            f"way (or run from another folder) to load the {meant.removeprefix('a ')}."
+        )
+    if revision is not None:
+        raise ValueError(
+            f"{name!r} is a local path, which has no revisions: leave the revision out, or pass the Hub repo id to "
+            f"load revision {revision!r}."
+        )
+    if os.path.isdir(name):
+        config = os.path.join(name, "config.json")
+        if kind := not_a_regular_file(config):
+            found = "holds no config.json" if kind == "missing" else f"holds a config.json that is {kind}, not a file"
+            raise ValueError(
+                f"The folder {name!r} {found}: it is not a saved encoder. Point to the folder that `save_pretrained` "
+                "wrote (config.json + model.safetensors)."
+            )
+        return ResolvedEncoder(name, local=True)
+    if kind := not_a_regular_file(name):
+        raise ValueError(
+            f"{name!r} is {kind}, not a folder or a file: point to the folder that `save_pretrained` wrote."
+        )
+    if not files:
+        raise ValueError(
+            f"{name!r} is a single file: convert it first (`flux-small-encoder convert {name} OUT/`), then pass the "
+            "folder OUT/."
+        )
+    return ResolvedEncoder(name, local=True)
+
+
+def _resolve_name(name: str, revision: str | None) -> ResolvedEncoder:
+    """A name that is no local path: a registry name, else a Hub repo id."""
     if name in _REGISTRY:
         spec = _REGISTRY[name]
         return ResolvedEncoder(spec.repo_id, revision if revision is not None else spec.revision, spec)
-    if os.path.isdir(name):
-        if not os.path.isfile(os.path.join(name, "config.json")):
-            raise ValueError(
-                f"The folder {name!r} holds no config.json: it is not a saved encoder. Point to the folder that "
-                "`save_pretrained` wrote (config.json + model.safetensors)."
-            )
-        return ResolvedEncoder(name)
-    if not os.path.exists(name) and is_repo_id(name):
+    if name.endswith(CHECKPOINT_FILE_SUFFIXES):
+        raise FileNotFoundError(f"No such file: {name!r}.")
+    if is_repo_id(name):
         return ResolvedEncoder(name, revision)
     raise ValueError(
         f"Cannot resolve encoder {name!r}: it is not a registered name, an existing folder, or a Hub repo id "
@@ -135,15 +203,16 @@ def resolve_encoder(encoder: str | os.PathLike, revision: str | None = None) -> 
     )
 
 
-def fetch_encoder(resolved: ResolvedEncoder, **snapshot_kwargs) -> str:
-    """The local folder of a resolved encoder: its own folder, or its repo's `MODEL_FILES` fetched into the Hugging
-    Face cache (`snapshot_download`, to which `snapshot_kwargs` go: `cache_dir`, `local_files_only`, `token`, ...)."""
-    if os.path.isdir(resolved.path):
+def fetch_encoder(resolved: ResolvedEncoder, allow_patterns: list[str] = MODEL_FILES, **snapshot_kwargs) -> str:
+    """The local path of a resolved encoder: its own, or its repo's `allow_patterns` (by default `MODEL_FILES`) fetched
+    into the Hugging Face cache (`snapshot_download`, to which `snapshot_kwargs` go: `cache_dir`, `local_files_only`,
+    `token`, ...)."""
+    if resolved.local:
         return resolved.path
     from huggingface_hub import snapshot_download
 
     return snapshot_download(
-        resolved.path, revision=resolved.revision, allow_patterns=MODEL_FILES, **snapshot_kwargs
+        resolved.path, revision=resolved.revision, allow_patterns=allow_patterns, **snapshot_kwargs
     )
 
 

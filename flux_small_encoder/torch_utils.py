@@ -14,6 +14,29 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def as_dtype(dtype: torch.dtype | str | None, argument: str = "dtype") -> torch.dtype | None:
+    """`dtype` as a torch dtype: a `torch.dtype` as it is, or its name (`"bfloat16"`, `"torch.bfloat16"`); `None` stays
+    `None`.
+
+    Args:
+        dtype: The dtype, or its name.
+        argument: The argument's name, for the message.
+
+    Raises:
+        TypeError / ValueError: `dtype` is neither a floating-point torch dtype nor the name of one.
+    """
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    found = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else None
+    if isinstance(found, torch.dtype) and found.is_floating_point:
+        return found
+    message = (
+        f"{argument}={dtype!r} is not a floating-point torch dtype: pass one such as torch.bfloat16, or its name "
+        "('bfloat16', 'float16', 'float32')."
+    )
+    raise ValueError(message) if isinstance(dtype, (str, torch.dtype)) else TypeError(message)
+
+
 def precision_dtype(mixed_precision: str) -> torch.dtype:
     """The dtype of the frozen models under a `mixed_precision` setting (`"no"`: float32, `"bf16"`: bfloat16)."""
     try:

@@ -208,6 +208,27 @@ def test_unexpected_error_is_one_line_with_status_1(error, monkeypatch, capsys):
     assert line.startswith(f"error: unexpected {type(error).__name__}: ") and "boom" in line and "--traceback" in line
 
 
+def test_a_known_error_from_elsewhere_says_where_it_came_from_and_how_to_see_more(monkeypatch, capsys):
+    monkeypatch.setattr(registry, "list_pretrained", _raise(ValueError("bad value")))
+    assert main(["list"]) == 2
+    assert one_line_error(capsys) == (
+        "error: bad value (raised in tests.test_cli; run again with --traceback to see where it happened)"
+    )
+
+
+def test_a_refusal_the_package_raised_prints_as_written(tmp_path, capsys):
+    assert main(["info", str(tmp_path / "absent.safetensors")]) == 2
+    assert one_line_error(capsys) == f"error: No such file: '{tmp_path / 'absent.safetensors'}'."
+
+
+def test_type_error_inside_the_package_but_not_raised_by_it_is_unexpected(monkeypatch, capsys):
+    from flux_small_encoder.messages import few
+
+    monkeypatch.setattr(registry, "list_pretrained", lambda: few(5))  # a bug: `few` slices its argument
+    assert main(["list"]) == 1
+    assert one_line_error(capsys).startswith("error: unexpected TypeError: ")
+
+
 def test_type_error_of_a_bug_is_unexpected(monkeypatch, capsys):
     monkeypatch.setattr(registry, "list_pretrained", lambda: len(5))
     assert main(["list"]) == 1

@@ -216,3 +216,35 @@ def test_fused_student_lora_saves_with_the_pipeline(patched_pipe, student_lora, 
     assert close(run_pipe(pipe), adapted)
     pipe.save_pretrained(tmp_path / "merged")
     assert close(run_pipe(FluxPipeline.from_pretrained(tmp_path / "merged")), adapted)
+
+
+def test_active_adapters_follow_what_peft_itself_was_told(patched_pipe, student_lora, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from peft.functional import set_adapter
+
+    from flux_small_encoder.lora import _lora_layers
+
+    pipe = patched_pipe()
+    load_encoder_lora(pipe, student_lora, adapter_name="a", weight=0.5)
+    load_encoder_lora(pipe, student_lora, adapter_name="b", weight=1.0)
+    set_adapter(pipe.text_encoder_2, ["a"], inference_mode=True)  # the user turns "b" off through peft directly
+    load_encoder_lora(pipe, student_lora, adapter_name="c", weight=0.25)
+
+    layers = _lora_layers(pipe.text_encoder_2)
+    assert all(layer.active_adapters == ["a", "c"] for layer in layers)  # "b" stays off
+    scale = 8 / 4  # the adapter's lora_alpha / r
+    assert all(layer.scaling["a"] == pytest.approx(0.5 * scale) for layer in layers)
+    assert all(layer.scaling["c"] == pytest.approx(0.25 * scale) for layer in layers)
+
+    for layer in layers:
+        layer.set_scale("a", 0.75)  # and changes a weight through peft
+    unload_encoder_lora(pipe, "c")
+    assert all(layer.active_adapters == ["a"] for layer in layers)
+    assert all(layer.scaling["a"] == pytest.approx(0.75 * scale) for layer in layers)
+
+    # An adapter refused while loading leaves the active ones as they were.
+    wide = get_peft_model(tiny_student(project_out_dim=64), LoraConfig(r=4, target_modules=["final_projection.0"]))
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match="trained on an encoder of other widths"):
+        load_encoder_lora(pipe, tmp_path / "wide", adapter_name="wide")
+    assert all(layer.active_adapters == ["a"] for layer in _lora_layers(pipe.text_encoder_2))

@@ -228,6 +228,15 @@ def test_refuses_pickle_destination_and_foreign_checkpoints(saved_student, tmp_p
         convert(tmp_path / "missing.pth", tmp_path / "out")
 
 
+@pytest.mark.parametrize("suffix", [".pth", ".pt", ".bin", ".ckpt", ".pkl", ".pickle"])
+def test_every_pickle_suffix_is_refused_as_destination_and_named_missing_as_source(suffix, saved_student, tmp_path):
+    with pytest.raises(ValueError, match="safetensors only"):
+        convert(saved_student, tmp_path / f"out{suffix}")
+    with pytest.raises(FileNotFoundError, match="No such file"):
+        convert(tmp_path / f"missing{suffix}", tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_describe_counts_and_fits(student, public_checkpoint):
     info = describe(public_checkpoint)
     unique = {id(p): p.numel() for p in student.parameters()}

@@ -59,3 +59,19 @@ def test_examples_share_option_names(script, capsys):
         example_main(script)(["--help"])
     options = set(re.findall(r"(--[a-z][a-z-]*)", capsys.readouterr().out))
     assert SHARED_OPTIONS <= options, f"{script} lacks {sorted(SHARED_OPTIONS - options)}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_example_refuses_an_out_it_cannot_write_before_building_anything(script, tmp_path, capsys, monkeypatch):
+    from flux_small_encoder import tiny
+
+    monkeypatch.setattr(tiny, "tiny_student", lambda *args, **kwargs: pytest.fail("a model was built"))
+    for out, refusal in [
+        (tmp_path / "absent" / "x.png", f"the folder of --out {tmp_path / 'absent' / 'x.png'} does not exist"),
+        (tmp_path / "x.xyz", f"--out {tmp_path / 'x.xyz'} has the extension .xyz, which PIL writes no image format"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            example_main(script)(["--tiny", "--out", str(out)])
+        assert exit_info.value.code == 2
+        assert refusal in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

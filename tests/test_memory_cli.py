@@ -53,7 +53,52 @@ def test_plan_refuses_a_budget_nothing_fits_with_the_smallest_that_works(capsys)
     assert main(["plan", "--vram", "0.5"]) == 2
     assert "no memory recipe fits 0.5 GiB at 1024 px: the smallest, group_offload" in one_line_error(capsys)
     assert main(["plan", "--vram", "-1"]) == 2
-    assert "must be above zero" in one_line_error(capsys)
+    assert "must be a finite size above zero" in one_line_error(capsys)
+
+
+NOT_A_BUDGET = "must be a finite size above zero: write it as 24, '24GiB' or '16000MiB'."
+
+
+@pytest.mark.parametrize("vram", ["inf", "nan", "0"])
+def test_a_budget_that_is_no_size_is_one_line_before_anything_is_read(vram, tmp_path, capsys, monkeypatch):
+    import diffusers
+
+    from flux_small_encoder.memory import sizes
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was read before the budget was checked")
+
+    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", refuse)
+    monkeypatch.setattr(sizes, "folder_footprint", refuse)
+    budget = repr(float(vram))
+    assert main(["plan", "--vram", vram]) == 2
+    assert one_line_error(capsys) == f"error: memory budget {budget} {NOT_A_BUDGET}"
+    assert main(["generate", "a cat", "--vram", vram, "--out", str(tmp_path / "cat.png")]) == 2
+    assert one_line_error(capsys) == f"error: memory budget {budget} {NOT_A_BUDGET}"
+
+
+@pytest.mark.parametrize("budget", [float("inf"), float("nan")])
+def test_load_pipeline_refuses_a_budget_that_is_no_size_before_loading(budget, tmp_path, monkeypatch):
+    import diffusers
+
+    from flux_small_encoder import load_pipeline
+
+    monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
+    with pytest.raises(ValueError, match=re.escape(f"memory budget {budget!r} {NOT_A_BUDGET}")):
+        load_pipeline(str(tmp_path), memory_budget=budget)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_plan_model_that_is_no_folder_nor_repo_id_says_so(kind, tmp_path, capsys):
+    model = tmp_path / "FLUX.1-dev"
+    what = "does not exist" if kind == "missing" else "is not a folder"
+    if kind == "file":
+        model.write_text("")
+    assert main(["plan", "--vram", "24", "--model", str(model)]) == 2
+    assert one_line_error(capsys) == (
+        f"error: '{model}' {what}, and it is not a Hub repo id ('owner/name'): give a diffusers pipeline folder (with "
+        "its model_index.json) or a Hub repo id such as black-forest-labs/FLUX.1-dev."
+    )
 
 
 def test_plan_sizes_a_local_pipeline_folder(make_pipe, student, tmp_path, capsys):

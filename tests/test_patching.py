@@ -91,15 +91,58 @@ def test_failed_move_leaves_the_pipeline_unchanged_and_patchable(make_pipe, publ
     assert run_pipe(pipe).shape == (1, 32, 32, 3)
 
 
+NOT_AN_ENCODER = r"An encoder is named by a registry name \(t5-base-distilled\), a folder written by `save_pretrained`"
+
+
 @pytest.mark.parametrize("encoder", [None, 123, "T5EncoderModel"])
 def test_what_is_not_an_encoder_is_refused_saying_what_is(make_pipe, encoder):
     if encoder == "T5EncoderModel":
         encoder = make_pipe().text_encoder_2
     pipe = make_pipe()
     teacher = pipe.text_encoder_2
-    with pytest.raises(TypeError, match=r"patch_encoder takes a registry name \(t5-base-distilled\), a folder"):
+    with pytest.raises(TypeError, match=NOT_AN_ENCODER + r".*also take a DistilledT5EncoderModel; a plain T5 encoder"):
         patch_encoder(pipe, encoder)
     assert_unpatched(pipe, teacher)
+
+
+@pytest.mark.parametrize("encoder", [None, 123])
+@pytest.mark.parametrize("entry", ["load_pipeline", "convert", "download"])
+def test_every_entry_point_refuses_what_is_not_an_encoder_before_reading_anything(entry, encoder, tmp_path,
+                                                                                  monkeypatch):
+    from flux_small_encoder import convert, hub
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a pipeline was loaded")
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", no_loading)
+    call = {
+        "load_pipeline": lambda: load_pipeline(str(tmp_path), encoder),
+        "convert": lambda: convert.convert(encoder, tmp_path / "out"),
+        "download": lambda: hub.download(encoder),
+    }[entry]
+    with pytest.raises(TypeError, match=NOT_AN_ENCODER):
+        call()
+    assert not (tmp_path / "out").exists()
+
+
+def test_dtype_by_name_is_the_dtype(make_pipe, fresh_student, seeded_hub, tmp_path):
+    pipe = patch_encoder(make_pipe(), fresh_student, dtype="float16")
+    assert pipe.text_encoder_2.dtype == torch.float16
+    make_pipe().save_pretrained(tmp_path)
+    pipe = load_pipeline(str(tmp_path), dtype="bfloat16")  # diffusers alone would load it in float32
+    assert pipe.transformer.dtype == pipe.text_encoder_2.dtype == torch.bfloat16
+    pipe = load_pipeline(str(tmp_path), dtype={"text_encoder_2": "float16", "default": torch.bfloat16})
+    assert (pipe.transformer.dtype, pipe.text_encoder_2.dtype) == (torch.bfloat16, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", ["fp17", "int8", 16])
+def test_what_is_not_a_dtype_is_refused_before_anything_changes(make_pipe, fresh_student, dtype):
+    pipe = make_pipe()
+    teacher = pipe.text_encoder_2
+    with pytest.raises((TypeError, ValueError), match=f"dtype={dtype!r} is not a floating-point torch dtype"):
+        patch_encoder(pipe, fresh_student, dtype=dtype)
+    assert_unpatched(pipe, teacher)
+    assert fresh_student.dtype == torch.float32
 
 
 def _tokenizer_in_hub_cache() -> None:

@@ -1,6 +1,11 @@
+import re
+from pathlib import Path
+
 import pytest
+import torch
 
 from flux_small_encoder import get_pretrained_spec, list_pretrained, load_encoder
+from flux_small_encoder.cli import main
 from flux_small_encoder.registry import resolve_encoder
 
 
@@ -16,15 +21,88 @@ def test_unknown_name_lists_valid_names():
         get_pretrained_spec("t5-small-distilled")
 
 
-def test_resolution_order(public_checkpoint, tmp_path, monkeypatch):
+def test_resolution_order(public_checkpoint):
     assert resolve_encoder("t5-base-distilled").path == "LifuWang/DistillT5"
     assert resolve_encoder("t5-base-distilled", revision="v2").revision == "v2"
     assert resolve_encoder(public_checkpoint).path == str(public_checkpoint)
+    assert resolve_encoder(public_checkpoint).local and not resolve_encoder("t5-base-distilled").local
     assert resolve_encoder("someone/their-student").path == "someone/their-student"
-    # a registry name wins over a folder of the same name
+
+
+def _student_folder(student, folder: Path) -> Path:
+    student.save_pretrained(folder)
+    return folder
+
+
+AMBIGUOUS = {"registry name": "t5-base-distilled", "repo id": "LifuWang/DistillT5"}
+
+
+@pytest.mark.parametrize("kind", AMBIGUOUS)
+def test_a_name_that_is_also_a_local_folder_is_refused_naming_both_ways(kind, student, tmp_path, monkeypatch):
+    name = AMBIGUOUS[kind]
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "t5-base-distilled").mkdir()
-    assert resolve_encoder("t5-base-distilled").spec is not None
+    _student_folder(student, tmp_path / name)
+    meant = "a registered encoder" if kind == "registry name" else "a Hub repo id"
+    refusal = f"{name!r} is both {meant} and a local path: pass ./{name} for the local one"
+    with pytest.raises(ValueError, match=re.escape(refusal)):
+        resolve_encoder(name)
+    for explicit in (f"./{name}", Path(name), str(tmp_path / name)):  # an explicit path means the folder
+        resolved = resolve_encoder(explicit)
+        assert resolved.local and resolved.spec is None and Path(resolved.path).resolve() == tmp_path / name
+
+
+@pytest.mark.parametrize("command", ["info", "download", "convert", "plan", "generate"])
+def test_every_command_resolves_an_ambiguous_name_the_same_way(command, student, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _student_folder(student, tmp_path / "t5-base-distilled")
+    argv = {
+        "info": ["info", "t5-base-distilled"],
+        "download": ["download", "t5-base-distilled"],
+        "convert": ["convert", "t5-base-distilled", "out"],
+        "plan": ["plan", "--vram", "24", "--encoder", "t5-base-distilled"],
+        "generate": ["generate", "a cat", "--encoder", "t5-base-distilled", "--model", "no/pipeline"],
+    }[command]
+    assert main(argv) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "'t5-base-distilled' is both a registered encoder and a local path: pass ./t5-base-distilled" in error
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["t5-base-distilled"]
+    assert main([*argv[:argv.index("t5-base-distilled")], "./t5-base-distilled",
+                 *argv[argv.index("t5-base-distilled") + 1:]]) == (0 if command != "generate" else 2)
+
+
+def test_a_registry_name_loads_from_the_hub_even_beside_a_folder_named_like_its_repo(
+    student, seeded_hub, tmp_path, monkeypatch
+):
+    from flux_small_encoder.tiny import tiny_student
+
+    monkeypatch.chdir(tmp_path)
+    other = tiny_student(seed=2)
+    _student_folder(other, tmp_path / "LifuWang" / "DistillT5")
+    loaded = load_encoder("t5-base-distilled")
+    assert torch.equal(loaded.final_projection[0].weight, student.final_projection[0].weight)
+    assert not torch.equal(loaded.final_projection[0].weight, other.final_projection[0].weight)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_a_single_weight_file_is_refused_with_the_command_that_converts_it(suffix, tmp_path):
+    file = tmp_path / f"DistillT5{suffix}"
+    file.write_bytes(b"weights")
+    with pytest.raises(ValueError, match=re.escape(
+        f"'{file}' is a single file: convert it first (`flux-small-encoder convert {file} OUT/`), then pass the folder"
+    )):
+        resolve_encoder(file)
+    assert resolve_encoder(file, files=True).path == str(file)  # as `info` and `convert` read it
+
+
+def test_a_revision_for_a_local_folder_is_refused(public_checkpoint):
+    with pytest.raises(ValueError, match="is a local path, which has no revisions: leave the revision out"):
+        resolve_encoder(public_checkpoint, revision="v2")
+
+
+@pytest.mark.parametrize("encoder", [None, 123, b"t5-base-distilled"])
+def test_what_is_not_a_name_is_refused_saying_what_is(encoder):
+    with pytest.raises(TypeError, match=r"An encoder is named by a registry name \(t5-base-distilled\), a folder"):
+        resolve_encoder(encoder)
 
 
 @pytest.mark.parametrize("bad", ["t5-base", "not/a/repo", "./missing-folder", ""])

@@ -45,8 +45,9 @@ def cli_error(argv: list[str], capsys) -> str:
 
 
 def contents(folder: Path) -> dict[str, bytes | None]:
-    """Every path under `folder` with its bytes (`None` for a folder): what must survive a refusal unchanged."""
-    return {str(path.relative_to(folder)): None if path.is_dir() else path.read_bytes() for path in folder.rglob("*")}
+    """Every path under `folder` with its bytes (`None` for a folder or a dangling link): what must survive a refusal
+    unchanged."""
+    return {str(path.relative_to(folder)): path.read_bytes() if path.is_file() else None for path in folder.rglob("*")}
 
 
 @pytest.fixture
@@ -78,6 +79,47 @@ def no_pipeline_is_loaded(monkeypatch):
         raise AssertionError("the pipeline was loaded before the input was checked")
 
     monkeypatch.setattr(FluxPipeline, "from_pretrained", refuse)
+
+
+# --- files that are not what their names say: said as they are ------------------------------------------------------
+
+
+def test_weights_that_are_no_regular_file_are_named_as_what_they_are(saved, make_pipe, capsys):
+    weights = saved / "model.safetensors"
+    weights.unlink()
+    weights.symlink_to("/dev/zero")
+    expected = (
+        f"'{weights}' is a character device (a symlink to /dev/zero), not a file: fetch or copy the weights again."
+    )
+    assert cli_error(["info", str(saved)], capsys) == f"error: {expected}"
+    with pytest.raises(ValueError) as refused:
+        patch_encoder(make_pipe(), saved)
+    assert str(refused.value) == expected
+
+
+def test_a_config_that_is_a_pipe_is_named_as_one_and_never_opened(saved, capsys):
+    (saved / "config.json").unlink()
+    os.mkfifo(saved / "config.json")  # opening it to read would block until someone writes
+    assert cli_error(["info", str(saved)], capsys) == (
+        f"error: The folder '{saved}' holds a config.json that is a named pipe (FIFO), not a file: it is not a saved "
+        "encoder. Point to the folder that `save_pretrained` wrote (config.json + model.safetensors)."
+    )
+    os.mkfifo(saved.parent / "weights.safetensors")
+    assert cli_error(["convert", str(saved.parent / "weights.safetensors"), str(saved.parent / "out")], capsys) == (
+        f"error: '{saved.parent / 'weights.safetensors'}' is a named pipe (FIFO), not a folder or a file: point to "
+        "the folder that `save_pretrained` wrote."
+    )
+
+
+def test_a_missing_shard_is_named(student, tmp_path, capsys):
+    folder = tmp_path / "sharded"
+    student.save_pretrained(folder, max_shard_size="20KB")
+    shard = sorted(folder.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    assert cli_error(["info", str(folder)], capsys) == (
+        f"error: '{folder / INDEX_NAME}' names the shard '{shard.name}', which the folder does not hold: fetch or "
+        "copy it again, or re-save the model."
+    )
 
 
 # --- a config that asks for more than the weights hold (item 11) ----------------------------------------------------
@@ -285,33 +327,65 @@ def test_index_naming_a_shard_outside_the_folder_is_refused(where, sharded, tmp_
 # --- config.json values (item 14) -----------------------------------------------------------------------------------
 
 
+NOT_AN_OBJECT = 'not an object of config fields ({"d_model": ..., ...})'
+FEED_FORWARD = (
+    "feed_forward_proj must be an activation of transformers' ACT2FN, alone or as 'gated-ACT' (such as 'relu' or "
+    "'gated-gelu'), not 'weird-thing'"
+)
 BAD_CONFIGS = {
     "negative": ({"d_model": -16}, "is invalid: d_model must be a whole number above 0, not -16"),
     "fraction": ({"num_heads": 2.5}, "is invalid: num_heads must be a whole number above 0, not 2.5"),
     "text": ({"num_layers": "2"}, "is invalid: num_layers must be a whole number above 0, not '2'"),
     "zero": ({"vocab_size": 0}, "is invalid: vocab_size must be a whole number above 0, not 0"),
+    "dropout": ({"dropout_rate": 5}, "is invalid: dropout_rate must be a probability from 0 to 1, not 5"),
+    "activation": ({"feed_forward_proj": "weird-thing"}, f"is invalid: {FEED_FORWARD}"),
     "not json": (
-        None, "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
+        "{not json", "is not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2 (char 1))"
     ),
+    "list": ("[1, 2]", f"holds a JSON list, {NOT_AN_OBJECT}"),
+    "null": ("null", f"holds null, {NOT_AN_OBJECT}"),
+    "deeply nested": ("[" * 100_000 + "]" * 100_000, "is nested too deeply to be a config"),
 }
 
 
 def _break_config(folder: Path, case: str) -> str:
+    """Break the config.json in `folder` as `case` says; return what the refusal says of it."""
     changes, problem = BAD_CONFIGS[case]
-    if changes is None:
-        (folder / "config.json").write_text("{not json")
+    if isinstance(changes, str):
+        (folder / "config.json").write_text(changes)
     else:
         edit_config(folder, **changes)
-    return f"The config.json of '{folder}' {problem}. {FIX_CONFIG_FILE}"
+    return problem
 
 
 @pytest.mark.parametrize("case", BAD_CONFIGS)
-def test_bad_config_values_are_one_line(case, saved, capsys):
-    expected = _break_config(saved, case)
-    assert cli_error(["info", str(saved)], capsys) == f"error: {expected}"
-    with pytest.raises(ValueError) as refused:
-        load_encoder(saved)
-    assert str(refused.value) == expected
+def test_bad_config_values_are_one_line(case, saved, tmp_path, make_pipe, capsys):
+    expected = f"The config.json of '{saved}' {_break_config(saved, case)}. {FIX_CONFIG_FILE}"
+    before = contents(tmp_path)
+    for argv in (
+        ["info", str(saved)], ["convert", str(saved), str(tmp_path / "out")], ["push", str(saved), "me/encoder"],
+        ["plan", "--vram", "24", "--encoder", str(saved)],
+    ):
+        assert cli_error(argv, capsys) == f"error: {expected}", argv[0]
+    for load in (load_encoder, lambda folder: patch_encoder(make_pipe(), folder)):
+        with pytest.raises(ValueError) as refused:
+            load(saved)
+        assert str(refused.value) == expected
+    assert contents(tmp_path) == before
+
+
+@pytest.mark.parametrize("case", BAD_CONFIGS)
+def test_bad_config_given_to_convert_is_one_line(case, student, tmp_path, capsys):
+    torch.save(student.state_dict(), tmp_path / "experiment.pth")
+    (tmp_path / "given").mkdir()
+    (tmp_path / "given" / "config.json").write_text(json.dumps(student.config.to_dict()))
+    problem = _break_config(tmp_path / "given", case)
+    config = tmp_path / "given" / "config.json"
+    argv = ["convert", str(tmp_path / "experiment.pth"), str(tmp_path / "out"), "--config", str(config)]
+    assert cli_error(argv, capsys) == (
+        f"error: The config '{config}' {problem}. Pass the config.json the checkpoint was trained with."
+    )
+    assert not (tmp_path / "out").exists()
 
 
 # --- generate (item 14) ---------------------------------------------------------------------------------------------
@@ -324,6 +398,9 @@ def pipeline_folder(tmp_path_factory, flux_components) -> Path:
     build_pipeline(FluxPipeline, flux_components).save_pretrained(folder)
     shutil.rmtree(folder / "text_encoder_2")
     return folder
+
+
+FLUX = "black-forest-labs/FLUX.1-dev"
 
 
 def generate_args(model: Path | str, encoder: Path | str, out: Path) -> list[str]:
@@ -383,6 +460,129 @@ def test_generate_out_into_a_missing_folder_fails_before_loading(saved, tmp_path
     assert cli_error(generate_args("black-forest-labs/FLUX.1-dev", saved, out), capsys) == (
         f"error: the folder of --out {out} does not exist: create {out.parent} first, or choose another --out."
     )
+
+
+# --- what generate and demo write, and where they run: refused before anything loads -------------------------------
+
+
+def _out_case(case: str, tmp_path: Path) -> tuple[Path, str]:
+    """An `--out` that cannot be an image, and the one line that refuses it."""
+    if case == "folder":
+        out = tmp_path / "images"
+        out.mkdir()
+        return out, f"--out {out} is a folder: give an image file, such as {out / 'image.png'}."
+    if case == "dangling symlink":
+        out = tmp_path / "cat.png"
+        gone = tmp_path / "gone.png"
+        out.symlink_to(gone)
+        return out, f"--out {out} is a symlink to {gone}, which does not exist: remove the link, or choose another " \
+            "--out."
+    if case == "missing folder":
+        out = tmp_path / "absent" / "cat.png"
+        return out, f"the folder of --out {out} does not exist: create {out.parent} first, or choose another --out."
+    out = tmp_path / ("cat.xyz" if case == "unknown extension" else "cat")
+    what = "the extension .xyz" if case == "unknown extension" else "no extension"
+    return out, f"--out {out} has {what}, which PIL writes no image format for: end it with .png (or .jpg, .webp)."
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """Fail the test if an encoder, a pipeline or the demo's tiny pipeline is loaded or built."""
+    from flux_small_encoder import tiny
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("something was loaded before the input was checked")
+
+    monkeypatch.setattr(FluxPipeline, "from_pretrained", refuse)
+    monkeypatch.setattr(registry, "load_encoder", refuse)
+    monkeypatch.setattr(tiny, "tiny_flux_pipeline", refuse)
+
+
+@pytest.mark.parametrize("command", ["generate", "demo"])
+@pytest.mark.parametrize("case", ["folder", "dangling symlink", "missing folder", "unknown extension", "no extension"])
+def test_out_that_cannot_be_an_image_is_refused_before_loading(case, command, saved, tmp_path, nothing_loads, capsys):
+    out, refusal = _out_case(case, tmp_path)
+    argv = ["demo", "--out", str(out)] if command == "demo" else generate_args(FLUX, saved, out)
+    before = contents(tmp_path)
+    assert cli_error([*argv, "--overwrite"], capsys) == f"error: {refusal}"
+    assert contents(tmp_path) == before
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_a_full_disk_while_writing_the_image_leaves_the_old_one_or_none(existing, tmp_path, monkeypatch, capsys):
+    import errno
+
+    out = tmp_path / "demo.png"
+    if existing:
+        out.write_bytes(b"the old image")
+    save = Image.Image.save
+
+    def disk_full(self, fp, *args, **kwargs):
+        Path(fp).write_bytes(b"half an image")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--overwrite"]) == 2
+    err = capsys.readouterr().err  # earlier lines: the demo's progress bars
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("error: [Errno 28] No space left on device (raised in ")
+    assert (out.read_bytes() == b"the old image") if existing else not out.exists()
+    assert [path.name for path in tmp_path.iterdir()] == (["demo.png"] if existing else [])
+    monkeypatch.setattr(Image.Image, "save", save)
+    assert main(["demo", "--out", str(out), *(["--overwrite"] if existing else [])]) == 0  # the rerun is not refused
+    assert Image.open(out).size == (32, 32)
+
+
+DEVICES = {
+    "bogus": "--device bogus is not a torch device: write it as cuda, cuda:1, mps or cpu.",
+    "cuda:x": "--device cuda:x is not a torch device: write it as cuda, cuda:1, mps or cpu.",
+    "cuda:2": "--device cuda:2: torch sees 2 CUDA device(s) here, numbered from 0; pass --device cpu, or leave "
+              "--device out.",
+    "mps": f"--device mps: no MPS device is available to torch {torch.__version__} here; pass --device cpu, or leave "
+           "--device out.",
+    "meta": f"--device meta: no META device is available to torch {torch.__version__} here; pass --device cpu, or "
+            "leave --device out.",
+}
+
+
+@pytest.mark.parametrize("command", ["generate", "cache-teacher"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_device_torch_cannot_use_is_refused_before_loading(device, command, saved, tmp_path, nothing_loads,
+                                                             monkeypatch, capsys):
+    from flux_small_encoder import training
+
+    monkeypatch.setattr(training, "cache_teacher", lambda *args, **kwargs: pytest.fail("the teacher was loaded"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # two CUDA devices, no MPS
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    argv = (
+        [*generate_args(FLUX, saved, tmp_path / "cat.png")[:-2], "--device", device] if command == "generate"
+        else ["cache-teacher", "--config", "tiny", "--out", str(tmp_path / "cache"), "--device", device]
+    )
+    assert cli_error(argv, capsys) == f"error: {DEVICES[device]}"
+
+
+@pytest.mark.parametrize("side, nearest", [("33", "32 or 48"), ("1000", "992 or 1008"), ("8", "16")])
+def test_generate_refuses_a_size_flux_would_silently_change(side, nearest, saved, tmp_path, nothing_loads, capsys):
+    for option in ("--height", "--width"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([*generate_args(FLUX, saved, tmp_path / "cat.png"), option, side])
+        assert exit_info.value.code == 2
+        assert f"argument {option}: {side} is not a multiple of 16, which FLUX needs: use {nearest}" in (
+            capsys.readouterr().err
+        )
+
+
+def test_generate_refuses_offload_without_an_accelerator(saved, tmp_path, nothing_loads, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    refusal = (
+        "error: --offload moves each model to an accelerator only while it runs, and torch sees none here "
+        "(--device cpu): leave --offload out."
+    )
+    argv = generate_args(FLUX, saved, tmp_path / "cat.png")
+    assert cli_error([*argv, "--offload"], capsys) == refusal  # --device cpu
+    assert cli_error([*argv[:-2], "--offload"], capsys) == refusal  # no --device, and no CUDA
 
 
 # --- the offline hint for a pipeline (item 16) ----------------------------------------------------------------------

@@ -4,11 +4,18 @@ Every command runs inside `run_command`: the package's known errors (files missi
 a bad config, refused input) print as one line, `error: ...`, with exit status 2; anything else prints one line that
 names the exception, with exit status 1, and `--traceback` shows where it happened. Command modules import torch,
 transformers and diffusers inside their run functions, so `--help`, `--version` and `list` stay fast.
+
+Which errors are the user's to fix cannot be told by their type alone: a `ValueError` or `OSError` is most often bad
+input or a missing file, but a library (or a bug) raises them too. So the type decides the exit status (2 for
+`KNOWN_ERRORS`), and the origin decides the wording: one that the package raised itself, with a message written for
+the user, prints as it is; one that came from anywhere else (PIL, json, huggingface_hub, Python) prints on the same
+line with where it came from and the `--traceback` hint, so that a package bug never reads as the user's fault alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import linecache
 import sys
 
 from .. import __version__
@@ -32,8 +39,8 @@ errors print one line and exit with status 2 when they are yours to fix (a missi
 a bad config or argument), 1 when they are unexpected; add --traceback to any command to see where one happened.
 """
 
-# Errors whose message is written for the user: it names the problem and the fix. OSError covers files missing or in
-# the way (FileNotFoundError, FileExistsError, PermissionError), huggingface_hub's "not cached"
+# Errors that are most often the user's to fix; those the package raises name the problem and the fix. OSError covers
+# files missing or in the way (FileNotFoundError, FileExistsError, PermissionError), huggingface_hub's "not cached"
 # (LocalEntryNotFoundError), offline mode (OfflineModeIsEnabled) and HTTP errors (HfHubHTTPError), a failed launch
 # (ChildProcessError) and a full disk; ValueError covers bad configs and refused input (PromptFileError,
 # HFValidationError, JSON that does not parse).
@@ -87,18 +94,21 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
     except Exception as error:
         if is_known_error(error):
-            print(f"error: {_library_prefix(error)}{one_line(error)}", file=sys.stderr)
+            origin = "" if raised_by_the_package(error) else f" (raised in {_origin(error)}; {_TRACEBACK_HINT})"
+            print(f"error: {_library_prefix(error)}{one_line(error)}{origin}", file=sys.stderr)
             return 2
         print(
-            f"error: unexpected {type(error).__name__}: {one_line(error)} (run again with --traceback to see where "
-            "it happened)",
+            f"error: unexpected {type(error).__name__}: {one_line(error)} ({_TRACEBACK_HINT})",
             file=sys.stderr,
         )
         return 1
 
 
+_TRACEBACK_HINT = "run again with --traceback to see where it happened"
+
+
 def is_known_error(error: BaseException) -> bool:
-    """Whether `error` is one of the package's known errors, whose message tells the user what to fix.
+    """Whether `error` is one of the known errors, which are most often the user's to fix (exit status 2).
 
     A `TypeError` is known only when the package raised it (an argument check); anywhere else it is a bug.
     """
@@ -107,18 +117,32 @@ def is_known_error(error: BaseException) -> bool:
     )
     if isinstance(error, known):
         return True
-    return isinstance(error, TypeError) and _raised_by_the_package(error)
+    return isinstance(error, TypeError) and raised_by_the_package(error)
 
 
-def _raised_by_the_package(error: BaseException) -> bool:
-    """Whether the innermost frame of `error`'s traceback is library code of this package (not the CLI's own)."""
-    last = error.__traceback__
-    if last is None:
+def raised_by_the_package(error: BaseException) -> bool:
+    """Whether a `raise` statement of this package raised `error`: its message was written for the user.
+
+    The innermost frame of its traceback must be the package's, on a line that starts a `raise` statement; an error
+    that a call inside the package's code raised (`int("x")`, a library's function) is not.
+    """
+    last = _innermost(error)
+    if last is None or not last.tb_frame.f_globals.get("__name__", "").startswith(_PACKAGE):
         return False
-    while last.tb_next is not None:
+    return linecache.getline(last.tb_frame.f_code.co_filename, last.tb_lineno).lstrip().startswith("raise")
+
+
+def _innermost(error: BaseException):
+    last = error.__traceback__
+    while last is not None and last.tb_next is not None:
         last = last.tb_next
-    module = last.tb_frame.f_globals.get("__name__", "")
-    return module.startswith(_PACKAGE) and not (module == __name__ or module.startswith(f"{__name__}."))
+    return last
+
+
+def _origin(error: BaseException) -> str:
+    """The module whose code raised `error` (`PIL.Image`, `json.decoder`), else the module of its type."""
+    last = _innermost(error)
+    return (last.tb_frame.f_globals.get("__name__") if last is not None else None) or type(error).__module__
 
 
 def _library_prefix(error: BaseException) -> str:

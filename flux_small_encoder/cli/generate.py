@@ -27,8 +27,8 @@ def register(subparsers) -> None:
     options.add_out(parser, default="image.png", help="where to write the PNG")
     parser.add_argument("--steps", type=options.positive_int, default=28, help="denoising steps")
     parser.add_argument("--guidance", type=float, default=3.5, help="guidance scale")
-    parser.add_argument("--height", type=options.positive_int, default=1024)
-    parser.add_argument("--width", type=options.positive_int, default=1024)
+    parser.add_argument("--height", type=options.image_side, default=1024, help="image height, a multiple of 16")
+    parser.add_argument("--width", type=options.image_side, default=1024, help="image width, a multiple of 16")
     parser.add_argument("--seed", type=int, default=0)
     options.add_dtype(parser, choices=("bfloat16", "float16", "float32"), default="bfloat16",
                       help="dtype of the pipeline and the encoder")
@@ -53,10 +53,18 @@ def run_generate(args: argparse.Namespace) -> None:
     _check_pipeline_folder(args.model)
     resolved = resolve_encoder(args.encoder)
     device = options.resolve_device(args.device)
+    if args.offload and device == "cpu":
+        raise ValueError("--offload moves each model to an accelerator only while it runs, and torch sees none here "
+                         "(--device cpu): leave --offload out.")
     dtype = options.resolve_dtype(args.dtype)
 
     import torch
     from diffusers import FluxPipeline
+
+    from ..memory import parse_budget
+
+    if args.vram is not None:
+        parse_budget(args.vram)
 
     from ..patching import find_encoder_slot, patch_encoder
     from ..registry import load_encoder
@@ -72,7 +80,7 @@ def run_generate(args: argparse.Namespace) -> None:
             plan_memory(footprint, args.vram, size=max(args.height, args.width))
 
     # The encoder first: it is small and checked before the pipeline's gigabytes are read.
-    with _fetch_hint(resolved.path, "encoder"):
+    with _fetch_hint(None if resolved.local else resolved.path, "encoder"):
         student = load_encoder(resolved, dtype=dtype)
     with _fetch_hint(args.model, "pipeline", exclude=find_encoder_slot(FluxPipeline).encoder):
         pipe = FluxPipeline.from_pretrained(args.model, text_encoder_2=None, dtype=dtype)
@@ -94,7 +102,7 @@ def run_generate(args: argparse.Namespace) -> None:
         guidance_scale=args.guidance,
         generator=torch.Generator("cpu").manual_seed(args.seed),
     ).images[0]
-    image.save(args.out)
+    options.save_image(image, args)
     print(f"wrote {args.out}")
 
 
@@ -113,30 +121,22 @@ def _check_pipeline_folder(model: str) -> None:
 
 
 @contextmanager
-def _fetch_hint(repo: str, what: str, exclude: str | None = None):
+def _fetch_hint(repo: str | None, what: str, exclude: str | None = None):
     """A Hub repo that is not cached while offline is re-raised with the command that fetches it (without the folder
-    `exclude`)."""
+    `exclude`); `None` or a local folder: nothing to fetch."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    from ..errors import causes
+
     try:
         yield
     except OSError as error:
-        if os.path.isdir(repo) or not _is_not_cached(error):
+        not_cached = any(isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)) for cause in causes(error))
+        if repo is None or os.path.isdir(repo) or not not_cached:
             raise
         from ..hub import not_cached_message
 
         raise OSError(not_cached_message(repo, what=what, exclude=exclude)) from error
-
-
-def _is_not_cached(error: BaseException | None) -> bool:
-    """Whether huggingface_hub's "not in the cache" or "offline" is among the causes of `error`."""
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
-            return True
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return False
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -159,7 +159,7 @@ def run_demo(args: argparse.Namespace) -> None:
             args.prompt, height=32, width=32, num_inference_steps=2, max_sequence_length=48,
             generator=torch.Generator("cpu").manual_seed(0),
         ).images[0]
-    image.save(args.out)
+    options.save_image(image, args)
     print(
         f"tiny FLUX patched: text_encoder_2 is now {type(pipe.text_encoder_2).__name__} "
         f"({student_params:,} parameters, was {teacher_params:,})\n"

@@ -66,6 +66,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def image_side(text: str) -> int:
+    """An argparse `type`: an image height or width in pixels, a multiple of 16 as FLUX needs (8 for the VAE, 2 for
+    packing latents into tokens); FLUX would silently resize any other."""
+    value = positive_int(text)
+    if value % 16:
+        lower, upper = value // 16 * 16, (value // 16 + 1) * 16
+        nearest = f"{lower} or {upper}" if lower else f"{upper}"
+        raise argparse.ArgumentTypeError(f"{text} is not a multiple of 16, which FLUX needs: use {nearest}")
+    return value
+
+
 # --- Hub ------------------------------------------------------------------------------------------------------------
 
 
@@ -89,14 +100,59 @@ def add_out(parser: argparse.ArgumentParser, *, default: str, help: str) -> None
 
 
 def check_out(args: argparse.Namespace) -> None:
-    """Refuse an `--out` that would replace a file unasked or cannot be written: called before any model loads, so
-    nothing is computed only to be thrown away."""
-    if os.path.exists(args.out) and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists: choose another --out, or pass --overwrite to replace it.")
-    folder = os.path.dirname(os.path.abspath(args.out))
+    """Refuse an image `--out` that cannot be written, or would replace a file without `--overwrite`: called before
+    any model loads (by the commands and the examples), so nothing is computed only to be thrown away.
+
+    Args:
+        args: The parsed arguments, with `out` (the image file) and `overwrite`.
+
+    Raises:
+        FileExistsError: `--out` exists and `--overwrite` is not given.
+        FileNotFoundError: its folder does not exist.
+        ValueError: it is a folder or a dangling symlink, or PIL writes no image format with its extension.
+        PermissionError: its folder cannot be written to.
+    """
+    out = args.out
+    if os.path.isdir(out):
+        raise ValueError(f"--out {out} is a folder: give an image file, such as {os.path.join(out, 'image.png')}.")
+    if os.path.islink(out) and not os.path.exists(out):
+        raise ValueError(f"--out {out} is a symlink to {os.readlink(out)}, which does not exist: remove the link, or "
+                         "choose another --out.")
+    image_format(out)
+    if os.path.lexists(out) and not args.overwrite:
+        raise FileExistsError(f"{out} already exists: choose another --out, or pass --overwrite to replace it.")
+    folder = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(folder):
-        raise FileNotFoundError(f"the folder of --out {args.out} does not exist: create {folder} first, or choose "
+        raise FileNotFoundError(f"the folder of --out {out} does not exist: create {folder} first, or choose "
                                 "another --out.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"--out {out}: the folder {folder} is not writable by you; choose another --out.")
+
+
+def image_format(path: str) -> str:
+    """The image format PIL writes for `path`'s extension (`"PNG"` for `cat.png`).
+
+    Raises:
+        ValueError: PIL writes no format with that extension (or there is none).
+    """
+    from PIL import Image
+
+    extension = os.path.splitext(path)[1].lower()
+    image_format = Image.registered_extensions().get(extension)
+    if image_format not in Image.SAVE:
+        what = f"the extension {extension}" if extension else "no extension"
+        raise ValueError(f"--out {path} has {what}, which PIL writes no image format for: end it with .png (or .jpg, "
+                         ".webp).")
+    return image_format
+
+
+def save_image(image, args: argparse.Namespace) -> None:
+    """Write `image` (a PIL image) to `args.out` atomically: a full disk or a kill leaves no partial image, and
+    `--overwrite` replaces the old one only once the new one is complete."""
+    from ..atomic import atomic_file
+
+    with atomic_file(args.out, overwrite=args.overwrite) as staging:
+        image.save(staging, format=image_format(args.out))
 
 
 # --- torch settings -------------------------------------------------------------------------------------------------
@@ -108,16 +164,36 @@ def add_device(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(device: str | None) -> str:
-    """The device to run on: `device` as given (a CUDA device must exist), else `torch_utils.default_device()`."""
+    """The device to run on: `device` as given, once torch knows it and it is available here, else
+    `torch_utils.default_device()`. Called before any model loads.
+
+    Raises:
+        ValueError: `device` is not a torch device, or none of its kind (or not that index) is available here.
+    """
     import torch
 
     from ..torch_utils import default_device
 
     if device is None:
         return default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: no CUDA device is available to torch {torch.__version__} here; pass "
-                         "--device cpu, or leave --device out.")
+    fix = "pass --device cpu, or leave --device out"
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {device} is not a torch device: write it as cuda, cuda:1, mps or cpu.") from None
+    if kind.type == "cpu":
+        return device
+    # torch.cuda, torch.xpu, ... say whether their devices are here; MPS says so in torch.backends.
+    module = getattr(torch, kind.type, None)
+    is_available = getattr(torch.backends.mps if kind.type == "mps" else module, "is_available", None)
+    if is_available is None or not is_available():
+        raise ValueError(f"--device {device}: no {kind.type.upper()} device is available to torch "
+                         f"{torch.__version__} here; {fix}.")
+    device_count = getattr(module, "device_count", None)
+    count = device_count() if device_count is not None else None
+    if kind.index is not None and count is not None and kind.index >= count:
+        raise ValueError(f"--device {device}: torch sees {count} {kind.type.upper()} device(s) here, numbered from 0; "
+                         f"{fix}.")
     return device
 
 

@@ -38,8 +38,9 @@ def add_vram(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> None:
-    from ..memory import MemoryBudgetError, folder_footprint, plan_memory
+    from ..memory import MemoryBudgetError, folder_footprint, parse_budget, plan_memory
 
+    parse_budget(args.vram)  # a budget that is no size (inf, nan, 0) is refused before any config is read
     dtype = options.resolve_dtype(args.dtype)
     columns, plans = {}, {}
     for label, encoder in (("student: " + str(args.encoder), args.encoder), ("T5-XXL: the pipeline's own", None)):

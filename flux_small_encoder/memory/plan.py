@@ -8,6 +8,7 @@ while its phase runs, and one at a time, since a phase's components run one afte
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -38,8 +39,9 @@ def parse_budget(budget: str | int | float) -> int:
         if match is None or match.group(2).lower() not in _UNITS:
             raise ValueError(f"memory budget {budget!r} is not a size: write it as 24, '24GiB', '24GB' or '16000MiB'.")
         number, unit = float(match.group(1)), match.group(2).lower()
-    if number <= 0:
-        raise ValueError(f"memory budget {budget!r} must be above zero.")
+    if not math.isfinite(number) or number <= 0:
+        raise ValueError(f"memory budget {budget!r} must be a finite size above zero: write it as 24, '24GiB' or "
+                         "'16000MiB'.")
     return int(number * _UNITS[unit])
 
 

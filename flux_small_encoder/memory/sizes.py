@@ -170,15 +170,15 @@ def reference_specs() -> dict:
 def encoder_spec(encoder: str | os.PathLike, **hub_kwargs) -> dict:
     """The spec (library, class, config) of a distilled encoder: a registry name's shipped config, else the
     `config.json` of a folder or Hub repo."""
-    students = reference_specs()["students"]
-    name = os.fspath(encoder)
-    if name in students:
-        return students[name]
     from ..configuration import DistilledT5Config
-    from ..registry import resolve_encoder
+    from ..registry import fetch_encoder, resolve_encoder
 
-    resolved = resolve_encoder(name)
-    config = DistilledT5Config.from_pretrained(resolved.path, revision=resolved.revision, **hub_kwargs)
+    resolved = resolve_encoder(encoder)
+    students = reference_specs()["students"]
+    if resolved.spec is not None and resolved.spec.name in students:
+        return students[resolved.spec.name]
+    folder = fetch_encoder(resolved, allow_patterns=["config.json"], **hub_kwargs)
+    config = DistilledT5Config.from_pretrained(folder)
     return {"library": "flux_small_encoder", "class": "DistilledT5EncoderModel", "config": config.to_dict()}
 
 
@@ -197,7 +197,15 @@ def build_component(spec: dict, *, dtype: torch.dtype, device: str | torch.devic
 def _folder_specs(model: str | os.PathLike, revision: str | None, hub_kwargs: dict) -> tuple[dict, list[str]]:
     """The spec of each model component of a pipeline folder or Hub repo (JSON files only), and the components it
     was saved without."""
+    from ..registry import is_repo_id
+
     folder = Path(model)
+    if not folder.is_dir() and (os.path.lexists(folder) or not is_repo_id(os.fspath(model))):
+        what = "is not a folder" if os.path.lexists(folder) else "does not exist"
+        raise FileNotFoundError(
+            f"{os.fspath(model)!r} {what}, and it is not a Hub repo id ('owner/name'): give a diffusers pipeline "
+            "folder (with its model_index.json) or a Hub repo id such as black-forest-labs/FLUX.1-dev."
+        )
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
 
