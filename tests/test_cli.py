@@ -253,3 +253,13 @@ def test_usage_errors_stay_argparse_s(capsys):
         main(["generate", "a cat", "--steps", "0"])
     assert exit_info.value.code == 2
     assert "argument --steps: 0 is not a positive whole number" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "compare"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-1", "abc"])
+def test_a_guidance_that_is_not_a_finite_number_of_at_least_0_is_a_usage_error(command, value, tmp_path, capsys):
+    argv = ["generate", "a cat"] if command == "generate" else ["compare", "--tiny"]
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--guidance", value, "--out", str(tmp_path / "out.png")])
+    assert exit_.value.code == 2
+    assert "--guidance" in capsys.readouterr().err

@@ -136,6 +136,25 @@ def test_unknown_method_or_encoder_is_refused_before_any_image(pipe):
         compare_encoders(pipe, ["no-such-encoder"], PROMPTS, **TINY)
 
 
+def test_a_comparison_none_of_whose_candidates_can_run_is_refused_before_any_image(pipe, monkeypatch):
+    calls = []
+    pipe.transformer.register_forward_hook(lambda *args: calls.append(1))
+    with pytest.raises(ValueError, match=r"no candidate can run here: teacher@bnb-nf4 \(bitsandbytes"):
+        compare_encoders(pipe, ["teacher@bnb-nf4"], PROMPTS, **TINY)
+    assert calls == []
+
+
+@pytest.mark.parametrize("guidance", [float("nan"), float("inf"), -1.0])
+def test_a_guidance_that_is_not_a_finite_number_of_at_least_0_is_refused(pipe, guidance):
+    with pytest.raises(ValueError, match="guidance must be a finite number of at least 0"):
+        compare_encoders(pipe, ["teacher"], PROMPTS, guidance=guidance, **TINY)
+
+
+def test_a_candidate_that_is_neither_a_name_nor_a_module_is_refused(pipe):
+    with pytest.raises(TypeError, match="a candidate is a name .* not NoneType"):
+        compare_encoders(pipe, [None], PROMPTS, **TINY)
+
+
 def test_a_pipeline_without_its_t5_encoder_is_refused(make_pipe):
     with pytest.raises(ValueError, match=r"the pipeline has no T5 encoder \(text_encoder_2 is None\)"):
         compare_encoders(make_pipe(text_encoder_2=None), ["teacher"], PROMPTS, **TINY)

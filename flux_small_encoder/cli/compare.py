@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the NAME:N prompt samples")
     parser.add_argument("--steps", type=options.positive_int, help="denoising steps (default 20; --tiny 4)")
     parser.add_argument("--size", type=options.positive_int, help="image height and width (default 1024; --tiny 32)")
-    parser.add_argument("--guidance", type=float, default=3.5, help="guidance scale")
+    parser.add_argument("--guidance", type=options.guidance_scale, default=3.5, help="guidance scale")
     parser.add_argument("--max-sequence-length", type=options.positive_int, help="T5 tokens (default 512; --tiny 32)")
     parser.add_argument("--batch-size", type=options.positive_int, default=1, help="images sampled at once")
     parser.add_argument("--out", default="report", help="the report folder (new or empty)")

@@ -26,7 +26,7 @@ def register(subparsers) -> None:
     parser.add_argument("--encoder", default="t5-base-distilled", help="registry name, folder or repo id")
     options.add_out(parser, default="image.png", help="where to write the PNG")
     parser.add_argument("--steps", type=options.positive_int, default=28, help="denoising steps")
-    parser.add_argument("--guidance", type=float, default=3.5, help="guidance scale")
+    parser.add_argument("--guidance", type=options.guidance_scale, default=3.5, help="guidance scale")
     parser.add_argument("--height", type=options.image_side, default=1024, help="image height, a multiple of 16")
     parser.add_argument("--width", type=options.image_side, default=1024, help="image width, a multiple of 16")
     parser.add_argument("--seed", type=int, default=0)

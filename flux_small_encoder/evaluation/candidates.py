@@ -33,31 +33,39 @@ class Skipped:
     reason: str
 
 
-def check_candidates(pipe, encoders: Mapping[str, str | os.PathLike | nn.Module], *, token: str | None = None) -> None:
-    """Refuse, before any image is made, a candidate that cannot serve this pipeline.
+def check_candidates(
+    pipe, encoders: Mapping[str, str | os.PathLike | nn.Module], *, token: str | None = None,
+    device: torch.device | str = "cpu",
+) -> None:
+    """Refuse, before any image is made, a candidate that cannot serve this pipeline, or a comparison none of whose
+    candidates can run here.
 
     Names are resolved; `teacher@METHOD` must name a method; a distilled encoder's config (from its folder, checked
     against its safetensors headers, or its Hub repo's `config.json`: never its weights) must give the width the
-    transformer reads and cover the pipeline's tokenizer (`check_compatible`).
+    transformer reads and cover the pipeline's tokenizer (`check_compatible`). A quantization method whose library or
+    hardware is missing is skipped later with its reason, but when every candidate is such a method there is nothing to
+    compare.
 
     Raises:
-        ValueError: an unknown name or method, or an encoder that does not fit the pipeline.
+        ValueError: an unknown name or method, an encoder that does not fit the pipeline, or no candidate that can run.
         OSError: an encoder's config cannot be read (offline with nothing cached, a private repo without a token).
     """
     from ..modeling import DistilledT5EncoderModel
     from ..patching import check_compatible
     from ..registry import resolve_encoder
-    from .quantize import QUANTIZATION_METHODS
+    from .quantize import QuantizationUnavailable, check_method
 
+    unavailable = []
     for name, encoder in encoders.items():
         if isinstance(encoder, nn.Module):
             student = encoder if isinstance(encoder, DistilledT5EncoderModel) else None
         elif os.fspath(encoder) == TEACHER:
             continue
         elif os.fspath(encoder).startswith(f"{TEACHER}@"):
-            if os.fspath(encoder).partition("@")[2] not in QUANTIZATION_METHODS:
-                raise ValueError(f"{os.fspath(encoder)}: no such quantization method; use one of "
-                                 f"{', '.join(f'{TEACHER}@{method}' for method in QUANTIZATION_METHODS)}.")
+            try:
+                check_method(os.fspath(encoder).partition("@")[2], device)
+            except QuantizationUnavailable as reason:
+                unavailable.append(f"{name} ({reason})")
             continue
         else:
             with torch.device("meta"):  # the config's model, without weights: what `check_compatible` reads
@@ -67,6 +75,9 @@ def check_candidates(pipe, encoders: Mapping[str, str | os.PathLike | nn.Module]
                 check_compatible(pipe, student)
             except ValueError as error:
                 raise ValueError(f"{name}: {error}") from None
+    if unavailable and len(unavailable) == len(encoders):
+        raise ValueError(f"no candidate can run here: {'; '.join(unavailable)}. Install what is named, or add a "
+                         "candidate that runs (teacher, a distilled encoder).")
 
 
 def _encoder_config(resolved, token: str | None):
@@ -96,6 +107,11 @@ def named_candidates(encoders) -> dict[str, str | os.PathLike | nn.Module]:
         return dict(encoders)
     named = {}
     for number, encoder in enumerate(encoders):
+        if not isinstance(encoder, (str, os.PathLike, nn.Module)):
+            raise TypeError(
+                f"a candidate is a name (teacher, teacher@METHOD, a registry name, a folder, a Hub repo id) or an "
+                f"encoder module, not {type(encoder).__name__}."
+            )
         if isinstance(encoder, nn.Module):
             named[getattr(encoder, "name_or_path", "") or f"encoder-{number}"] = encoder
         else:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -117,10 +118,12 @@ def compare_encoders(
         raise ValueError("no prompts to compare on: give at least one prompt.")
     if not encoders:
         raise ValueError("no encoders to compare: give at least one candidate (teacher, teacher@METHOD, a name).")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise ValueError(f"guidance must be a finite number of at least 0, got {guidance}.")
     encoders = named_candidates(encoders)
-    check_candidates(pipe, encoders, token=token)
     settings = GenerationSettings(steps, size, guidance, max_sequence_length)
     sampler = Sampler(parts, settings)
+    check_candidates(pipe, encoders, token=token, device=sampler.device)
     cache = None
     if cache_dir is not None:
         fingerprint = pipeline_fingerprint(pipe)
