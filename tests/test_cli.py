@@ -263,3 +263,17 @@ def test_a_guidance_that_is_not_a_finite_number_of_at_least_0_is_a_usage_error(c
         main([*argv, "--guidance", value, "--out", str(tmp_path / "out.png")])
     assert exit_.value.code == 2
     assert "--guidance" in capsys.readouterr().err
+
+
+def test_verify_cache_checks_every_shard_and_names_a_damaged_one(tmp_path, capsys):
+    cache = tmp_path / "cache"
+    assert main(["cache-teacher", "--config", "tiny", "--out", str(cache), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    assert main(["verify-cache", str(cache)]) == 0
+    assert "every shard matches its checksums" in capsys.readouterr().out
+    shard = next(cache.glob("embeddings-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-1] ^= 0x01  # one bit of the last embedding's last value, the file's size unchanged
+    shard.write_bytes(bytes(data))
+    assert main(["verify-cache", str(cache)]) == 2
+    assert f"{shard} does not match its checksum" in one_line_error(capsys)

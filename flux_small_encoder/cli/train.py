@@ -43,6 +43,14 @@ def register(subparsers) -> None:
     parser.add_argument("--batch-size", type=options.positive_int, default=16, help="prompts per teacher call")
     options.add_device(parser)
 
+    parser = options.add_command(
+        subparsers, "verify-cache",
+        help="check every shard of a teacher cache against its checksums (reads the whole cache)",
+        examples=["cache/s1"],
+        run=run_verify_cache,
+    )
+    parser.add_argument("folder", help="a teacher cache written by cache-teacher")
+
 
 def _config_help() -> str:
     """The shipped configs and every config field with its default and help (imported only for `train --help`)."""
@@ -87,3 +95,10 @@ def run_cache_teacher(args: argparse.Namespace) -> None:
         batch_size=args.batch_size, device=options.resolve_device(args.device),
     )
     print(f"wrote the teacher embeddings to {folder}")
+
+
+def run_verify_cache(args: argparse.Namespace) -> None:
+    from ..training import verify_teacher_cache
+
+    cache = verify_teacher_cache(args.folder)
+    print(f"{args.folder}: every shard matches its checksums ({len(cache)} prompts)")
