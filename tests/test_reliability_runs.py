@@ -514,6 +514,44 @@ def test_a_flipped_bit_in_a_cached_embedding_stops_training_in_one_line(tiny_cac
     assert (f"teacher cache shard {shard} is damaged: the embeddings of prompt " in one_line_error(capsys))
 
 
+@pytest.mark.parametrize(
+    "edit, problem",
+    [(lambda index: index["shards"][0].update(file="../other/embeddings-00000.safetensors"),
+      "it names '../other/embeddings-00000.safetensors' as a shard, which is not a file of its own folder"),
+     (lambda index: index["shards"][0].update(file="/etc/passwd"),
+      "it names '/etc/passwd' as a shard, which is not a file of its own folder"),
+     (lambda index: index["shards"].append("x"), "a shard entry 'x' is not an object"),
+     (lambda index: index.update(teacher=None), "no teacher name")],
+    ids=["parent folder", "absolute path", "not an object", "no teacher"],
+)
+def test_a_cache_index_pointing_outside_its_folder_is_refused_before_anything_is_read(tiny_cache, tmp_path,
+                                                                                      monkeypatch, edit, problem):
+    from flux_small_encoder.training import cache
+
+    shutil.copytree(tiny_cache, tmp_path / "other")  # a whole shard where `../other/...` points
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    edit(index)
+    (tmp_path / "cache" / "index.json").write_text(json.dumps(index))
+    opened = []
+    monkeypatch.setattr(cache, "safe_open", lambda path, **kwargs: opened.append(path))
+    with pytest.raises(ValueError) as error:
+        TeacherCache(tmp_path / "cache")
+    assert str(error.value) == (f"{tmp_path / 'cache' / 'index.json'} is not an index as cache-teacher writes it "
+                                f"({problem}): refused, nothing was read through it; write the cache again with "
+                                "`flux-small-encoder cache-teacher`.")
+    assert opened == []
+
+
+def test_a_cache_index_that_is_not_an_object_is_refused_in_one_line(tiny_cache, tmp_path, capsys):
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    (tmp_path / "cache" / "index.json").write_text("[1]")
+    assert main(["train", "--config", "tiny", *QUICK, f"teacher_cache={tmp_path / 'cache'}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "index.json is not an index as cache-teacher writes it (a JSON list, not an object)" in (
+        one_line_error(capsys))
+
+
 def test_checking_that_the_cache_covers_the_prompts_tokenizes_them_in_chunks(tiny_cache, monkeypatch):
     from flux_small_encoder.tiny import tiny_t5_tokenizer
     from flux_small_encoder.training import cache, load_sources
@@ -567,6 +605,106 @@ def test_checkpoints_hold_no_pickle_and_one_carrying_a_pickle_is_refused(run, tm
                  "resume_from_checkpoint=latest"]) == 2
     assert f"{planted} may be a pickle, which can run code when loaded" in one_line_error(capsys)
     assert not marker.exists()
+
+
+# --- damaged checkpoints and metrics ---------------------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _to_dev_zero(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+DAMAGES = {
+    "truncated optimizer": ("state/optimizer.safetensors", _truncate, "is truncated or damaged ("),
+    "truncated rng": ("state/rng-0.safetensors", _truncate, "is truncated or damaged ("),
+    "truncated student": ("state/student.safetensors", _truncate, "is truncated or damaged ("),
+    "optimizer linked to /dev/zero": ("state/optimizer.safetensors", _to_dev_zero, "is not a regular file"),
+    "student missing": ("state/student.safetensors", Path.unlink, "is missing"),
+    "config.yaml not a mapping": ("config.yaml", lambda path: path.write_text("[1, 2]\n"), "is damaged (not a "),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_checkpoint_file_is_refused_naming_it_and_the_previous_good_checkpoint(run, capsys, damage):
+    out = run
+    name, harm, problem = DAMAGES[damage]
+    harm(out / "checkpoint-4" / name)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", f"output_dir={out}",
+                 "resume_from_checkpoint=latest"]) == 2
+    message = one_line_error(capsys)
+    assert f"error: {out / 'checkpoint-4' / name} {problem}" in message
+    assert message.endswith(f"the checkpoint {out / 'checkpoint-4'} cannot be resumed. The previous good checkpoint "
+                            f"is {out / 'checkpoint-2'}: resume from it with resume_from_checkpoint="
+                            f"{out / 'checkpoint-2'} (nothing was changed).")
+    assert snapshot(out) == before and not (out / ".lock").exists()
+
+
+def test_a_damaged_checkpoint_with_no_whole_one_before_it_says_so(run, capsys):
+    out = run
+    _truncate(out / "checkpoint-4" / "state" / "optimizer.safetensors")
+    (out / "checkpoint-2" / "trainer_state.json").write_text("[1]")
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", f"output_dir={out}",
+                 "resume_from_checkpoint=latest"]) == 2
+    assert one_line_error(capsys).endswith(f"No earlier checkpoint in {out} is whole (nothing was changed).")
+
+
+@pytest.mark.parametrize(
+    "state, problem",
+    [('{"step": "abc"}', "its step 'abc' is not a whole number of at least 0"),
+     ("[1]", "a JSON list, not an object"),
+     ('{"step": -3}', "its step -3 is not a whole number of at least 0"),
+     ('{"step": 3}', "its step 3 is not the step of its folder, checkpoint-4"),
+     ('{"step": 4, "lineage": [1]}', "its lineage or resumes are not lists as the trainer writes them"),
+     ("{", "is not JSON")],
+)
+def test_a_trainer_state_that_does_not_fit_its_checkpoint_is_refused_naming_the_file(run, capsys, state, problem):
+    out = run
+    (out / "checkpoint-4" / "trainer_state.json").write_text(state)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", f"output_dir={out}",
+                 "resume_from_checkpoint=latest"]) == 2
+    message = one_line_error(capsys)
+    assert f"error: {out / 'checkpoint-4' / 'trainer_state.json'} " in message and problem in message
+    assert f"The previous good checkpoint is {out / 'checkpoint-2'}" in message
+    assert snapshot(out) == before
+
+
+def test_a_checkpoint_written_before_lineages_resumes_and_keeps_its_history(run):
+    out = run
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):  # as earlier versions wrote them: no lineage, no sessions
+        (out / checkpoint / "trainer_state.json").write_text(json.dumps({"step": int(checkpoint[-1])}))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (out / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in line.items() if k != "session"}) + "\n"
+                                               for line in lines))
+    train(tiny(out, "max_steps=6", "checkpointing_steps=2", "resume_from_checkpoint=latest"))
+    assert metric_steps(out) == [1, 2, 3, 4, 5, 6] and (out / "checkpoint-2").is_dir()
+    assert not list(out.glob("abandoned-*"))
+
+
+@pytest.mark.parametrize("where", ["inside", "last"])
+def test_a_metrics_line_without_a_step_is_refused_naming_the_file_and_line(run, capsys, where):
+    out = run
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    number = 2 if where == "inside" else len(lines) + 1
+    lines.insert(number - 1, '{"loss": 1}\n')
+    (out / "metrics.jsonl").write_text("".join(lines))
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", f"output_dir={out}",
+                 "resume_from_checkpoint=latest"]) == 2
+    assert (f"error: {out / 'metrics.jsonl'} line {number} is not a metrics record (an object with a whole `step`): "
+            "the file is damaged; repair or remove that line, then resume (nothing was changed).") in (
+                one_line_error(capsys))
+    assert snapshot(out) == before
 
 
 # --- 14. one line, exit status 2 -------------------------------------------------------------------------------------
