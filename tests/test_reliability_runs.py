@@ -777,6 +777,195 @@ def test_a_really_full_disk_while_checkpointing_names_the_last_good_checkpoint(s
     assert hidden(out) == []
 
 
+def _safetensors_full_disk(tensors, filename, metadata=None):
+    """safetensors' save_file on a full disk, as it reports one: part of the file written, then its own error."""
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"\0" * 100)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_while_writing_the_teacher_cache_is_one_line_and_keeps_nothing(tmp_path, capsys, monkeypatch):
+    from flux_small_encoder.training import cache
+
+    monkeypatch.setattr(cache, "save_file", _safetensors_full_disk)
+    assert main(["cache-teacher", "--config", "tiny", f"--out={tmp_path / 'cache'}"]) == 2
+    assert one_line_error(capsys) == (
+        f"error: the disk of {tmp_path} is full: the teacher cache {tmp_path / 'cache'} could not be written (nothing "
+        "of it was kept) and nothing else was changed: free some space, then run cache-teacher again.")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_as_a_run_takes_its_folder_is_one_line_naming_the_lock_file(tmp_path, capsys, monkeypatch):
+    from flux_small_encoder.training import run_folder
+
+    real_dumps = json.dumps
+
+    def dumps(value, *args, **kwargs):  # the holder's name is the first thing a run writes into its folder
+        if isinstance(value, dict) and "pid" in value:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(run_folder.json, "dumps", dumps)
+    assert main(["train", "--config", "tiny", *QUICK, f"output_dir={tmp_path / 'run'}"]) == 2
+    assert one_line_error(capsys) == (
+        f"error: the disk of {tmp_path / 'run'} is full: its lock file .lock could not be written (nothing of it was "
+        "kept) and no checkpoint was written yet, so there is nothing to resume. Free some space, then start the run "
+        "again.")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_before_the_first_checkpoint_says_to_start_again_not_to_resume(tmp_path, capsys, monkeypatch):
+    from flux_small_encoder.training import state
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(state, "save_file", _full_disk)
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=2", "checkpointing_steps=2",
+                 f"output_dir={out}"]) == 2
+    assert one_line_error(capsys) == (
+        f"error: the disk of {out} is full: checkpoint-2 could not be written (nothing of it was kept) and no "
+        "checkpoint was written yet, so there is nothing to resume. Free some space, then start the run again with a "
+        f"new output_dir, or after moving metrics.jsonl, config.yaml out of {out}.")
+
+
+def test_a_really_full_disk_at_the_start_of_a_run_is_one_line(small_disk, capsys):
+    try:
+        with open(small_disk / "filler", "wb") as filler:  # fill the disk to its last byte
+            while True:
+                filler.write(b"\0" * 4096)
+                filler.flush()
+    except OSError:
+        pass
+    assert main(["train", "--config", "tiny", *QUICK, f"output_dir={small_disk / 'run'}"]) == 2
+    assert one_line_error(capsys).startswith(f"error: the disk of {small_disk / 'run'} is full: ")
+    assert not (small_disk / "run").exists()
+
+
+# --- 4, 5. the teacher, checked before it costs anything -------------------------------------------------------------
+
+
+def _refuse_to_build(*args, **kwargs):
+    raise AssertionError("the teacher was built")
+
+
+def test_a_distilled_encoder_as_the_teacher_is_refused_before_anything_is_written(tmp_path, capsys):
+    from flux_small_encoder.tiny import tiny_student
+
+    tiny_student().save_pretrained(tmp_path / "student")
+    message = (f"error: teacher {tmp_path / 'student'} is a distilled encoder (a T5 with a projector), not a teacher: "
+               "a teacher is a plain T5 encoder (T5EncoderModel) as wide as the transformer's T5 input")
+    assert main(["cache-teacher", "--config", "tiny", f"--out={tmp_path / 'cache'}",
+                 f"teacher={tmp_path / 'student'}"]) == 2
+    assert one_line_error(capsys).startswith(message)
+    assert main(["train", "--config", "tiny", *QUICK, f"teacher={tmp_path / 'student'}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert one_line_error(capsys).startswith(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
+def test_a_teacher_of_another_width_is_refused_before_it_loads(tmp_path, capsys, monkeypatch):
+    from transformers import T5EncoderModel
+
+    from flux_small_encoder.tiny import tiny_t5_config
+
+    T5EncoderModel(tiny_t5_config(d_model=16, d_kv=4)).save_pretrained(tmp_path / "t5")
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", _refuse_to_build)
+    message = (f"error: teacher {tmp_path / 't5'} is 16 wide (d_model) but the transformer reads 32-wide T5 "
+               "embeddings (joint_attention_dim): give a teacher of that width, such as the pipeline's own "
+               "text_encoder_2 (leave teacher unset).")
+    for command in (["cache-teacher", "--config", "tiny", f"--out={tmp_path / 'cache'}"],
+                    ["train", "--config", "tiny", *QUICK, f"output_dir={tmp_path / 'run'}"]):
+        assert main([*command, f"teacher={tmp_path / 't5'}"]) == 2
+        assert one_line_error(capsys) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t5"]
+
+
+def test_a_teacher_cache_of_another_width_is_refused_at_training_start(tmp_path, capsys):
+    from flux_small_encoder.tiny import tiny_t5_tokenizer
+    from flux_small_encoder.training import load_sources, write_teacher_cache
+    from flux_small_encoder.training.fingerprint import teacher_identity
+    from flux_small_encoder.training.models import tokenize_t5
+
+    config = load_config("tiny", QUICK)
+    tokenizer = tiny_t5_tokenizer()
+    write_teacher_cache(  # as a 16-wide teacher would have written it
+        tmp_path / "cache", encode=lambda ids: torch.zeros(len(ids), ids.shape[1], 16),
+        tokenize=lambda prompts: tokenize_t5(tokenizer, prompts, config.max_sequence_length),
+        prompts=load_sources(config.train_data) + config.validation_prompts, teacher=teacher_identity(config),
+        max_sequence_length=config.max_sequence_length, progress=False,
+    )
+    assert main(["train", "--config", "tiny", *QUICK, f"teacher_cache={tmp_path / 'cache'}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert one_line_error(capsys) == (
+        f"error: the teacher cache {tmp_path / 'cache'} holds 16-wide embeddings, but the transformer reads 32-wide "
+        "ones (its joint_attention_dim): write a cache with this pipeline's teacher (`flux-small-encoder "
+        "cache-teacher` with the same model and teacher).")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_config_that_does_not_describe_its_weights_is_refused_before_anything_is_built(
+    tmp_path, capsys, monkeypatch, teacher_folder
+):
+    from transformers import T5EncoderModel
+
+    config = json.loads((teacher_folder / "config.json").read_text())
+    (teacher_folder / "config.json").write_text(json.dumps({**config, "num_heads": 400_000_000}))
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", _refuse_to_build)  # 400 GB, were it built
+    assert main(["cache-teacher", "--config", "tiny", f"--out={tmp_path / 'cache'}",
+                 f"teacher={teacher_folder}"]) == 2
+    message = one_line_error(capsys)
+    assert message.startswith(f"error: the config of teacher {teacher_folder} does not describe its weights: other "
+                              "shapes: encoder.block.0.layer.0.SelfAttention.k.weight [32, 32] (config says "
+                              "[3200000000, 32]), ")
+    assert message.endswith(f"Correct the config.json of teacher {teacher_folder} ({teacher_folder}), or give the "
+                            "folder its weights were saved with.")
+    (teacher_folder / "config.json").write_text(json.dumps({**config, "num_layers": 1_000_000}))
+    assert main(["cache-teacher", "--config", "tiny", f"--out={tmp_path / 'cache'}",
+                 f"teacher={teacher_folder}"]) == 2
+    assert "it says num_layers=1000000 but the weights hold 3 T5 blocks." in one_line_error(capsys)
+
+
+# --- 8. Ctrl-C -------------------------------------------------------------------------------------------------------
+
+
+def _interrupt_at(step: int):
+    original = DistillationTrainer.training_step
+
+    def training_step(trainer, trajectories, step_index):
+        if trainer.step + 1 == step:
+            raise KeyboardInterrupt
+        return original(trainer, trajectories, step_index)
+
+    return training_step
+
+
+def test_ctrl_c_names_the_last_good_checkpoint_and_the_resume_command(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(DistillationTrainer, "training_step", _interrupt_at(4))
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", "checkpointing_steps=2",
+                 f"output_dir={out}"]) == 130
+    lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.startswith("interrupted")]
+    assert lines == [
+        f"interrupted at step 3: the last good checkpoint is {out / 'checkpoint-2'}. Resume with "
+        f"resume_from_checkpoint=latest (`flux-small-encoder train --config {out / 'config.yaml'} "
+        "resume_from_checkpoint=latest`).",
+        "interrupted",
+    ]
+    monkeypatch.undo()
+    assert main(["train", "--config", str(out / "config.yaml"), "resume_from_checkpoint=latest"]) == 0
+    assert metric_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(DistillationTrainer, "training_step", _interrupt_at(2))
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", "checkpointing_steps=4",
+                 f"output_dir={out}"]) == 130
+    assert (f"interrupted at step 1: no checkpoint was written yet, so there is nothing to resume. Start the run "
+            f"again with a new output_dir, or after moving metrics.jsonl, config.yaml out of {out}.\ninterrupted\n"
+            ) in capsys.readouterr().err
+
+
 # --- 18. threads -----------------------------------------------------------------------------------------------------
 
 

@@ -35,7 +35,9 @@ from .config import TrainingConfig
 from .data import load_sources
 from .files import described_size, is_plain_name
 from .fingerprint import TeacherIdentity, teacher_identity
-from .models import check_cached, load_t5_tokenizer, load_teacher, tokenize_t5
+from .model_checks import check_teacher, check_teacher_source
+from .models import check_cached, load_t5_tokenizer, load_teacher, teacher_name, tokenize_t5, transformer_width
+from .run_folder import writing_into
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +241,8 @@ def write_teacher_cache(
     for leftover in leftovers(folder.parent, folder.name, stale_only=True):
         logger.warning(f"removing {leftover}, what a killed cache-teacher left of {folder}.")
         remove(leftover)
-    with atomic_folder(folder) as staging:
+    then = "nothing else was changed: free some space, then run cache-teacher again."
+    with writing_into(folder.parent, f"the teacher cache {folder}", then), atomic_folder(folder) as staging:
         distinct = list(dict.fromkeys(prompts))
         shards, pending, seen = [], {}, set()
 
@@ -300,6 +303,9 @@ def cache_teacher(
         ValueError: Neither `out` nor `config.teacher_cache` says where to write.
         PromptFileError: A prompt file is malformed (nothing is loaded or written).
         FileExistsError: The folder exists (nothing is overwritten).
+        ValueError: The teacher is a distilled encoder, is not as wide as the transformer's T5 input, or its
+            config.json does not describe its weights (checked before they load; see `model_checks.py`).
+        DiskFullError: The disk filled up while the cache was written (nothing of it is kept).
     """
     out = out or config.teacher_cache
     if not out:
@@ -308,9 +314,12 @@ def cache_teacher(
         raise FileExistsError(f"{out} exists: give a new folder for the teacher cache (nothing was overwritten).")
     prompts = load_sources(config.train_data + config.eval_data, seed=config.seed) + config.validation_prompts
     check_cached(config, teacher=True, frozen_parts=False, student=False)
+    width = transformer_width(config)  # `None` where the transformer is not on this machine: then at training start
+    check_teacher_source(config, width)  # from its files, before its weights load
     model_dtype = precision_dtype(config.mixed_precision)
     device = device or default_device()
     teacher = load_teacher(config, model_dtype).to(device)
+    check_teacher(teacher, width, f"teacher {teacher_name(config)}")
     tokenizer = load_t5_tokenizer(config)
     return write_teacher_cache(
         out,

@@ -104,10 +104,14 @@ class RunLock:
             file.close()
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": datetime.datetime.now().isoformat(timespec="seconds")}
-        file.truncate(0)
-        file.write(json.dumps(holder).encode())
-        file.flush()
         self._file = file
+        try:
+            file.truncate(0)
+            file.write(json.dumps(holder).encode())
+            file.flush()
+        except BaseException:  # a full disk: let the folder go as it was
+            self.release()
+            raise
         return self
 
     def release(self) -> None:
@@ -115,7 +119,8 @@ class RunLock:
         if self._file is None:
             return
         self.path.unlink(missing_ok=True)  # first: whoever opens the path next gets a new file
-        self._file.close()  # closing the last descriptor releases the flock
+        with suppress(OSError):  # what is left to flush of the holder's name may not fit a full disk
+            self._file.close()  # closing the last descriptor releases the flock
         self._file = None
         if self._created:
             # A new holder may take the folder from here on (its .lock makes it non-empty): then it stays.
@@ -152,34 +157,51 @@ def last_good_checkpoint(folder: Path) -> str:
     return f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
 
 
+def how_to_go_on(folder: Path, first: str | None = None) -> str:
+    """The end of the message of a run that stopped: its last good checkpoint and how to resume from it, or, when it
+    wrote none, how to start it again. `first` is what to do before (`"Free some space"`)."""
+    checkpoints = list_checkpoints(folder)
+    if checkpoints:
+        config = Path(folder) / CONFIG_NAME
+        command = (f" (`flux-small-encoder train --config {config} resume_from_checkpoint=latest`)"
+                   if config.is_file() else "")
+        resume = f"{first}, then resume" if first else "Resume"
+        return f"the last good checkpoint is {checkpoints[-1]}. {resume} with resume_from_checkpoint=latest{command}."
+    left = earlier_run(folder)
+    again = (f"start the run again with a new output_dir, or after moving {', '.join(left)} out of {folder}"
+             if left else "start the run again")
+    return (f"no checkpoint was written yet, so there is nothing to resume. "
+            f"{f'{first}, then {again}' if first else again[0].upper() + again[1:]}.")
+
+
 @contextmanager
-def writing_into(folder: Path, what: str) -> Iterator[None]:
-    """Turn a full disk while writing `what` into the run folder into one line naming the last good checkpoint."""
+def writing_into(folder: Path, what: str, then: str | None = None) -> Iterator[None]:
+    """Turn a full disk while writing `what` into `folder` into one line: what could not be written, and `then`, what
+    to do (default: for a run folder, its last good checkpoint and how to go on, see `how_to_go_on`)."""
     try:
         yield
     except Exception as error:
         if not is_disk_full(error):
             raise
-        raise DiskFullError(
-            f"the disk of {folder} is full: {what} could not be written (nothing of it was kept) and "
-            f"{last_good_checkpoint(folder)}. Free some space, then resume with resume_from_checkpoint=latest."
-        ) from error
+        raise DiskFullError(f"the disk of {folder} is full: {what} could not be written (nothing of it was kept) and "
+                            f"{then or how_to_go_on(folder, 'Free some space')}") from error
 
 
 def hold_run_folder(accelerator, folder: Path) -> RunLock:
-    """The main process takes `folder`'s `RunLock` and removes what a killed run left there; if it cannot, every
-    process raises its `RunFolderInUseError`."""
+    """The main process takes `folder`'s `RunLock` and removes what a killed run left there; if it cannot (another
+    run holds it, the disk is full), every process raises its error."""
     from accelerate.utils import broadcast_object_list
 
     lock, refusal = RunLock(folder), None
     if accelerator.is_main_process:
         try:
-            lock.acquire()
-        except RunFolderInUseError as error:
-            refusal = str(error)
+            with writing_into(folder, f"its lock file {LOCK_NAME}"):
+                lock.acquire()
+        except (RunFolderInUseError, DiskFullError) as error:
+            refusal = error
     refusal = broadcast_object_list([refusal])[0]
     if refusal:
-        raise RunFolderInUseError(refusal)
+        raise refusal
     if accelerator.is_main_process:
         clean_leftovers(folder)
     return lock
