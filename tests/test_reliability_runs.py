@@ -623,7 +623,8 @@ DAMAGES = {
     "truncated optimizer": ("state/optimizer.safetensors", _truncate, "is truncated or damaged ("),
     "truncated rng": ("state/rng-0.safetensors", _truncate, "is truncated or damaged ("),
     "truncated student": ("state/student.safetensors", _truncate, "is truncated or damaged ("),
-    "optimizer linked to /dev/zero": ("state/optimizer.safetensors", _to_dev_zero, "is not a regular file"),
+    "optimizer linked to /dev/zero": ("state/optimizer.safetensors", _to_dev_zero,
+                                      "is a character device (a symlink to /dev/zero)"),
     "student missing": ("state/student.safetensors", Path.unlink, "is missing"),
     "config.yaml not a mapping": ("config.yaml", lambda path: path.write_text("[1, 2]\n"), "is damaged (not a "),
 }

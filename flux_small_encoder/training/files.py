@@ -12,6 +12,8 @@ import os
 import struct
 from pathlib import Path
 
+from ..messages import not_a_regular_file
+
 
 class DamagedFileError(ValueError):
     """A file that a run reads back (a checkpoint's, the metrics) is damaged; the message names it."""
@@ -32,9 +34,10 @@ def described_size(path: Path) -> int | None:
 
 
 def safetensors_problem(path: Path) -> str | None:
-    """Why `path` is not a whole safetensors file (`"missing"`, `"truncated or damaged (N bytes)"`), or `None`."""
-    if not path.is_file():
-        return "missing" if not (path.exists() or path.is_symlink()) else "not a regular file"
+    """Why `path` is not a whole safetensors file (`"missing"`, `"a character device (a symlink to /dev/zero)"`,
+    `"truncated or damaged (N bytes, ...)"`), or `None`."""
+    if kind := not_a_regular_file(path):
+        return kind
     size = path.stat().st_size
     if described_size(path) != size:
         return f"truncated or damaged ({size} bytes, not what its header describes)"

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..checkpoint import INDEX_NAME, weight_files
 from ..configuration import DistilledT5Config
+from ..messages import few
 from ..modeling import DistilledT5EncoderModel
 from ..registry import is_repo_id
 from .config import TrainingConfig
@@ -189,10 +190,6 @@ def _check_config_against_weights(raw: dict, folder: Path, label: str) -> None:
     other = [f"{key} {list(shapes[key])} (config says {list(expected[key])})"
              for key in sorted(expected.keys() & shapes.keys()) if shapes[key] != expected[key]]
     if missing or other:
-        problems = "; ".join(part for part in (missing and f"missing {_few(missing)}",
-                                               other and f"other shapes: {_few(other)}") if part)
+        problems = "; ".join(part for part in (missing and f"missing {few(missing, 3)}",
+                                               other and f"other shapes: {few(other, 3)}") if part)
         raise ValueError(f"the config of {label} does not describe its weights: {problems}. {fix}")
-
-
-def _few(items: list[str], limit: int = 3) -> str:
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
