@@ -514,6 +514,44 @@ def test_a_flipped_bit_in_a_cached_embedding_stops_training_in_one_line(tiny_cac
     assert (f"teacher cache shard {shard} is damaged: the embeddings of prompt " in one_line_error(capsys))
 
 
+@pytest.mark.parametrize(
+    "edit, problem",
+    [(lambda index: index["shards"][0].update(file="../other/embeddings-00000.safetensors"),
+      "it names '../other/embeddings-00000.safetensors' as a shard, which is not a file of its own folder"),
+     (lambda index: index["shards"][0].update(file="/etc/passwd"),
+      "it names '/etc/passwd' as a shard, which is not a file of its own folder"),
+     (lambda index: index["shards"].append("x"), "a shard entry 'x' is not an object"),
+     (lambda index: index.update(teacher=None), "no teacher name")],
+    ids=["parent folder", "absolute path", "not an object", "no teacher"],
+)
+def test_a_cache_index_pointing_outside_its_folder_is_refused_before_anything_is_read(tiny_cache, tmp_path,
+                                                                                      monkeypatch, edit, problem):
+    from flux_small_encoder.training import cache
+
+    shutil.copytree(tiny_cache, tmp_path / "other")  # a whole shard where `../other/...` points
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    edit(index)
+    (tmp_path / "cache" / "index.json").write_text(json.dumps(index))
+    opened = []
+    monkeypatch.setattr(cache, "safe_open", lambda path, **kwargs: opened.append(path))
+    with pytest.raises(ValueError) as error:
+        TeacherCache(tmp_path / "cache")
+    assert str(error.value) == (f"{tmp_path / 'cache' / 'index.json'} is not an index as cache-teacher writes it "
+                                f"({problem}): refused, nothing was read through it; write the cache again with "
+                                "`flux-small-encoder cache-teacher`.")
+    assert opened == []
+
+
+def test_a_cache_index_that_is_not_an_object_is_refused_in_one_line(tiny_cache, tmp_path, capsys):
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    (tmp_path / "cache" / "index.json").write_text("[1]")
+    assert main(["train", "--config", "tiny", *QUICK, f"teacher_cache={tmp_path / 'cache'}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert "index.json is not an index as cache-teacher writes it (a JSON list, not an object)" in (
+        one_line_error(capsys))
+
+
 def test_checking_that_the_cache_covers_the_prompts_tokenizes_them_in_chunks(tiny_cache, monkeypatch):
     from flux_small_encoder.tiny import tiny_t5_tokenizer
     from flux_small_encoder.training import cache, load_sources
@@ -567,6 +605,107 @@ def test_checkpoints_hold_no_pickle_and_one_carrying_a_pickle_is_refused(run, tm
                  "resume_from_checkpoint=latest"]) == 2
     assert f"{planted} may be a pickle, which can run code when loaded" in one_line_error(capsys)
     assert not marker.exists()
+
+
+# --- damaged checkpoints and metrics ---------------------------------------------------------------------------------
+
+
+def _truncate(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def _to_dev_zero(path: Path) -> None:
+    path.unlink()
+    path.symlink_to("/dev/zero")
+
+
+DAMAGES = {
+    "truncated optimizer": ("state/optimizer.safetensors", _truncate, "is truncated or damaged ("),
+    "truncated rng": ("state/rng-0.safetensors", _truncate, "is truncated or damaged ("),
+    "truncated student": ("state/student.safetensors", _truncate, "is truncated or damaged ("),
+    "optimizer linked to /dev/zero": ("state/optimizer.safetensors", _to_dev_zero,
+                                      "is a character device (a symlink to /dev/zero)"),
+    "student missing": ("state/student.safetensors", Path.unlink, "is missing"),
+    "config.yaml not a mapping": ("config.yaml", lambda path: path.write_text("[1, 2]\n"), "is damaged (not a "),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_a_damaged_checkpoint_file_is_refused_naming_it_and_the_previous_good_checkpoint(run, capsys, damage):
+    out = run
+    name, harm, problem = DAMAGES[damage]
+    harm(out / "checkpoint-4" / name)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", f"output_dir={out}",
+                 "resume_from_checkpoint=latest"]) == 2
+    message = one_line_error(capsys)
+    assert f"error: {out / 'checkpoint-4' / name} {problem}" in message
+    assert message.endswith(f"the checkpoint {out / 'checkpoint-4'} cannot be resumed. The previous good checkpoint "
+                            f"is {out / 'checkpoint-2'}: resume from it with resume_from_checkpoint="
+                            f"{out / 'checkpoint-2'} (nothing was changed).")
+    assert snapshot(out) == before and not (out / ".lock").exists()
+
+
+def test_a_damaged_checkpoint_with_no_whole_one_before_it_says_so(run, capsys):
+    out = run
+    _truncate(out / "checkpoint-4" / "state" / "optimizer.safetensors")
+    (out / "checkpoint-2" / "trainer_state.json").write_text("[1]")
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", f"output_dir={out}",
+                 "resume_from_checkpoint=latest"]) == 2
+    assert one_line_error(capsys).endswith(f"No earlier checkpoint in {out} is whole (nothing was changed).")
+
+
+@pytest.mark.parametrize(
+    "state, problem",
+    [('{"step": "abc"}', "its step 'abc' is not a whole number of at least 0"),
+     ("[1]", "a JSON list, not an object"),
+     ('{"step": -3}', "its step -3 is not a whole number of at least 0"),
+     ('{"step": 3}', "its step 3 is not the step of its folder, checkpoint-4"),
+     ('{"step": 4, "lineage": [1]}', "its lineage or resumes are not lists as the trainer writes them"),
+     ("{", "is not JSON")],
+)
+def test_a_trainer_state_that_does_not_fit_its_checkpoint_is_refused_naming_the_file(run, capsys, state, problem):
+    out = run
+    (out / "checkpoint-4" / "trainer_state.json").write_text(state)
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", f"output_dir={out}",
+                 "resume_from_checkpoint=latest"]) == 2
+    message = one_line_error(capsys)
+    assert f"error: {out / 'checkpoint-4' / 'trainer_state.json'} " in message and problem in message
+    assert f"The previous good checkpoint is {out / 'checkpoint-2'}" in message
+    assert snapshot(out) == before
+
+
+def test_a_checkpoint_written_before_lineages_resumes_and_keeps_its_history(run):
+    out = run
+    for checkpoint in ("checkpoint-2", "checkpoint-4"):  # as earlier versions wrote them: no lineage, no sessions
+        (out / checkpoint / "trainer_state.json").write_text(json.dumps({"step": int(checkpoint[-1])}))
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    (out / "metrics.jsonl").write_text("".join(json.dumps({k: v for k, v in line.items() if k != "session"}) + "\n"
+                                               for line in lines))
+    train(tiny(out, "max_steps=6", "checkpointing_steps=2", "resume_from_checkpoint=latest"))
+    assert metric_steps(out) == [1, 2, 3, 4, 5, 6] and (out / "checkpoint-2").is_dir()
+    assert not list(out.glob("abandoned-*"))
+
+
+@pytest.mark.parametrize("where", ["inside", "last"])
+def test_a_metrics_line_without_a_step_is_refused_naming_the_file_and_line(run, capsys, where):
+    out = run
+    lines = (out / "metrics.jsonl").read_text().splitlines(keepends=True)
+    number = 2 if where == "inside" else len(lines) + 1
+    lines.insert(number - 1, '{"loss": 1}\n')
+    (out / "metrics.jsonl").write_text("".join(lines))
+    before = snapshot(out)
+    capsys.readouterr()
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", f"output_dir={out}",
+                 "resume_from_checkpoint=latest"]) == 2
+    assert (f"error: {out / 'metrics.jsonl'} line {number} is not a metrics record (an object with a whole `step`): "
+            "the file is damaged; repair or remove that line, then resume (nothing was changed).") in (
+                one_line_error(capsys))
+    assert snapshot(out) == before
 
 
 # --- 14. one line, exit status 2 -------------------------------------------------------------------------------------
@@ -637,6 +776,195 @@ def test_a_really_full_disk_while_checkpointing_names_the_last_good_checkpoint(s
     good = message.split("the last good checkpoint is ")[1].split(". Free")[0]
     load_file(Path(good) / "student" / "model.safetensors")  # whole
     assert hidden(out) == []
+
+
+def _safetensors_full_disk(tensors, filename, metadata=None):
+    """safetensors' save_file on a full disk, as it reports one: part of the file written, then its own error."""
+    from safetensors import SafetensorError
+
+    Path(filename).write_bytes(b"\0" * 100)
+    raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+
+def test_a_full_disk_while_writing_the_teacher_cache_is_one_line_and_keeps_nothing(tmp_path, capsys, monkeypatch):
+    from flux_small_encoder.training import cache
+
+    monkeypatch.setattr(cache, "save_file", _safetensors_full_disk)
+    assert main(["cache-teacher", "--config", "tiny", f"--out={tmp_path / 'cache'}"]) == 2
+    assert one_line_error(capsys) == (
+        f"error: the disk of {tmp_path} is full: the teacher cache {tmp_path / 'cache'} could not be written (nothing "
+        "of it was kept) and nothing else was changed: free some space, then run cache-teacher again.")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_as_a_run_takes_its_folder_is_one_line_naming_the_lock_file(tmp_path, capsys, monkeypatch):
+    from flux_small_encoder.training import run_folder
+
+    real_dumps = json.dumps
+
+    def dumps(value, *args, **kwargs):  # the holder's name is the first thing a run writes into its folder
+        if isinstance(value, dict) and "pid" in value:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_dumps(value, *args, **kwargs)
+
+    monkeypatch.setattr(run_folder.json, "dumps", dumps)
+    assert main(["train", "--config", "tiny", *QUICK, f"output_dir={tmp_path / 'run'}"]) == 2
+    assert one_line_error(capsys) == (
+        f"error: the disk of {tmp_path / 'run'} is full: its lock file .lock could not be written (nothing of it was "
+        "kept) and no checkpoint was written yet, so there is nothing to resume. Free some space, then start the run "
+        "again.")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_full_disk_before_the_first_checkpoint_says_to_start_again_not_to_resume(tmp_path, capsys, monkeypatch):
+    from flux_small_encoder.training import state
+
+    out = tmp_path / "run"
+    monkeypatch.setattr(state, "save_file", _full_disk)
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=2", "checkpointing_steps=2",
+                 f"output_dir={out}"]) == 2
+    assert one_line_error(capsys) == (
+        f"error: the disk of {out} is full: checkpoint-2 could not be written (nothing of it was kept) and no "
+        "checkpoint was written yet, so there is nothing to resume. Free some space, then start the run again with a "
+        f"new output_dir, or after moving metrics.jsonl, config.yaml out of {out}.")
+
+
+def test_a_really_full_disk_at_the_start_of_a_run_is_one_line(small_disk, capsys):
+    try:
+        with open(small_disk / "filler", "wb") as filler:  # fill the disk to its last byte
+            while True:
+                filler.write(b"\0" * 4096)
+                filler.flush()
+    except OSError:
+        pass
+    assert main(["train", "--config", "tiny", *QUICK, f"output_dir={small_disk / 'run'}"]) == 2
+    assert one_line_error(capsys).startswith(f"error: the disk of {small_disk / 'run'} is full: ")
+    assert not (small_disk / "run").exists()
+
+
+# --- 4, 5. the teacher, checked before it costs anything -------------------------------------------------------------
+
+
+def _refuse_to_build(*args, **kwargs):
+    raise AssertionError("the teacher was built")
+
+
+def test_a_distilled_encoder_as_the_teacher_is_refused_before_anything_is_written(tmp_path, capsys):
+    from flux_small_encoder.tiny import tiny_student
+
+    tiny_student().save_pretrained(tmp_path / "student")
+    message = (f"error: teacher {tmp_path / 'student'} is a distilled encoder (a T5 with a projector), not a teacher: "
+               "a teacher is a plain T5 encoder (T5EncoderModel) as wide as the transformer's T5 input")
+    assert main(["cache-teacher", "--config", "tiny", f"--out={tmp_path / 'cache'}",
+                 f"teacher={tmp_path / 'student'}"]) == 2
+    assert one_line_error(capsys).startswith(message)
+    assert main(["train", "--config", "tiny", *QUICK, f"teacher={tmp_path / 'student'}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert one_line_error(capsys).startswith(message)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student"]
+
+
+def test_a_teacher_of_another_width_is_refused_before_it_loads(tmp_path, capsys, monkeypatch):
+    from transformers import T5EncoderModel
+
+    from flux_small_encoder.tiny import tiny_t5_config
+
+    T5EncoderModel(tiny_t5_config(d_model=16, d_kv=4)).save_pretrained(tmp_path / "t5")
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", _refuse_to_build)
+    message = (f"error: teacher {tmp_path / 't5'} is 16 wide (d_model) but the transformer reads 32-wide T5 "
+               "embeddings (joint_attention_dim): give a teacher of that width, such as the pipeline's own "
+               "text_encoder_2 (leave teacher unset).")
+    for command in (["cache-teacher", "--config", "tiny", f"--out={tmp_path / 'cache'}"],
+                    ["train", "--config", "tiny", *QUICK, f"output_dir={tmp_path / 'run'}"]):
+        assert main([*command, f"teacher={tmp_path / 't5'}"]) == 2
+        assert one_line_error(capsys) == message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t5"]
+
+
+def test_a_teacher_cache_of_another_width_is_refused_at_training_start(tmp_path, capsys):
+    from flux_small_encoder.tiny import tiny_t5_tokenizer
+    from flux_small_encoder.training import load_sources, write_teacher_cache
+    from flux_small_encoder.training.fingerprint import teacher_identity
+    from flux_small_encoder.training.models import tokenize_t5
+
+    config = load_config("tiny", QUICK)
+    tokenizer = tiny_t5_tokenizer()
+    write_teacher_cache(  # as a 16-wide teacher would have written it
+        tmp_path / "cache", encode=lambda ids: torch.zeros(len(ids), ids.shape[1], 16),
+        tokenize=lambda prompts: tokenize_t5(tokenizer, prompts, config.max_sequence_length),
+        prompts=load_sources(config.train_data) + config.validation_prompts, teacher=teacher_identity(config),
+        max_sequence_length=config.max_sequence_length, progress=False,
+    )
+    assert main(["train", "--config", "tiny", *QUICK, f"teacher_cache={tmp_path / 'cache'}",
+                 f"output_dir={tmp_path / 'run'}"]) == 2
+    assert one_line_error(capsys) == (
+        f"error: the teacher cache {tmp_path / 'cache'} holds 16-wide embeddings, but the transformer reads 32-wide "
+        "ones (its joint_attention_dim): write a cache with this pipeline's teacher (`flux-small-encoder "
+        "cache-teacher` with the same model and teacher).")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_teacher_config_that_does_not_describe_its_weights_is_refused_before_anything_is_built(
+    tmp_path, capsys, monkeypatch, teacher_folder
+):
+    from transformers import T5EncoderModel
+
+    config = json.loads((teacher_folder / "config.json").read_text())
+    (teacher_folder / "config.json").write_text(json.dumps({**config, "num_heads": 400_000_000}))
+    monkeypatch.setattr(T5EncoderModel, "from_pretrained", _refuse_to_build)  # 400 GB, were it built
+    assert main(["cache-teacher", "--config", "tiny", f"--out={tmp_path / 'cache'}",
+                 f"teacher={teacher_folder}"]) == 2
+    message = one_line_error(capsys)
+    assert message.startswith(f"error: the config of teacher {teacher_folder} does not describe its weights: other "
+                              "shapes: encoder.block.0.layer.0.SelfAttention.k.weight [32, 32] (config says "
+                              "[3200000000, 32]), ")
+    assert message.endswith(f"Correct the config.json of teacher {teacher_folder} ({teacher_folder}), or give the "
+                            "folder its weights were saved with.")
+    (teacher_folder / "config.json").write_text(json.dumps({**config, "num_layers": 1_000_000}))
+    assert main(["cache-teacher", "--config", "tiny", f"--out={tmp_path / 'cache'}",
+                 f"teacher={teacher_folder}"]) == 2
+    assert "it says num_layers=1000000 but the weights hold 3 T5 blocks." in one_line_error(capsys)
+
+
+# --- 8. Ctrl-C -------------------------------------------------------------------------------------------------------
+
+
+def _interrupt_at(step: int):
+    original = DistillationTrainer.training_step
+
+    def training_step(trainer, trajectories, step_index):
+        if trainer.step + 1 == step:
+            raise KeyboardInterrupt
+        return original(trainer, trajectories, step_index)
+
+    return training_step
+
+
+def test_ctrl_c_names_the_last_good_checkpoint_and_the_resume_command(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(DistillationTrainer, "training_step", _interrupt_at(4))
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", "checkpointing_steps=2",
+                 f"output_dir={out}"]) == 130
+    lines = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.startswith("interrupted")]
+    assert lines == [
+        f"interrupted at step 3: the last good checkpoint is {out / 'checkpoint-2'}. Resume with "
+        f"resume_from_checkpoint=latest (`flux-small-encoder train --config {out / 'config.yaml'} "
+        "resume_from_checkpoint=latest`).",
+        "interrupted",
+    ]
+    monkeypatch.undo()
+    assert main(["train", "--config", str(out / "config.yaml"), "resume_from_checkpoint=latest"]) == 0
+    assert metric_steps(out) == [1, 2, 3, 4, 5, 6]
+
+
+def test_ctrl_c_before_the_first_checkpoint_says_there_is_nothing_to_resume(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "run"
+    monkeypatch.setattr(DistillationTrainer, "training_step", _interrupt_at(2))
+    assert main(["train", "--config", "tiny", *QUICK, "max_steps=6", "checkpointing_steps=4",
+                 f"output_dir={out}"]) == 130
+    assert (f"interrupted at step 1: no checkpoint was written yet, so there is nothing to resume. Start the run "
+            f"again with a new output_dir, or after moving metrics.jsonl, config.yaml out of {out}.\ninterrupted\n"
+            ) in capsys.readouterr().err
 
 
 # --- 18. threads -----------------------------------------------------------------------------------------------------

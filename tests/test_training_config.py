@@ -190,7 +190,22 @@ def test_launch_training_checks_the_config_first_and_names_the_exit_status(monke
 
 
 def test_the_choices_are_the_literal_hints():
-    assert set(CHOICES) == {"objective", "student_init", "mixed_precision", "report_to", "attention_backend"}
+    assert set(CHOICES) == {"objective", "student_init", "mixed_precision", "report_to", "attention_backend",
+                            "lr_scheduler"}
+
+
+def test_every_lr_scheduler_choice_is_a_diffusers_schedule_that_builds():
+    import torch
+    from diffusers.optimization import SchedulerType
+
+    from flux_small_encoder.training.state import apply_optimizer_config, build_lr_scheduler
+
+    assert set(CHOICES["lr_scheduler"]) <= {kind.value for kind in SchedulerType}
+    for name in CHOICES["lr_scheduler"]:
+        config = load_config("tiny", [f"lr_scheduler={name}"])
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+        apply_optimizer_config(optimizer, config)  # as a resume does
+        assert build_lr_scheduler(optimizer, config, step=3).get_last_lr()[0] >= 0
 
 
 @pytest.mark.parametrize("name, value", [(name, value) for name, values in CHOICES.items() for value in values])
@@ -248,6 +263,87 @@ def test_a_bad_lora_block_fails_at_config_time_naming_the_field(override, messag
     with pytest.raises(ValueError, match=re.escape(message)) as error:
         load_config("tiny", ["student_init=t5", override])
     assert "\n" not in str(error.value)
+
+
+# --- every value against its type hint -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("max_steps=abc", "max_steps must be a whole number, got 'abc' (Optimizer steps to train for.)"),
+     ("max_steps=1.5", "max_steps must be a whole number, got 1.5"),
+     ("max_steps=true", "max_steps must be a whole number, got True"),
+     ("seed=abc", "seed must be a whole number, got 'abc'"),
+     ("seed=-1", "seed must be between 0 and 2**32 - 1, got -1."),
+     ("output_dir=", "output_dir must be a string, got None (Where checkpoints"),
+     ("train_data=5", "train_data must be a list whose items are each a path or a mapping of path, column, repeat, "
+                      "weight, got 5"),
+     ("eval_data=5", "eval_data must be a list whose items are each a path"),
+     ("validation_prompts=5", "validation_prompts must be a list of strings, got 5"),
+     ("train_data=[{path: a.txt, weight: abc}]", "train_data[0].weight must be a finite number or null, got 'abc'."),
+     ("train_data=[{path: 5}]", "train_data[0].path must be a string, got 5."),
+     ("train_data=[{path: a.txt, repeat: -1}]", "repeat of the prompt source"),
+     ("guidance_scales=abc", "guidance_scales must be a list of finite numbers, got 'abc'"),
+     ("guidance_scales=[.nan]", "guidance_scales[0] must be a finite number, got nan."),
+     ("num_eval_prompts=-1", "num_eval_prompts must not be negative, got -1."),
+     ("lr_scheduler=xx", "lr_scheduler='xx' is not one of 'constant', 'constant_with_warmup', 'linear', 'cosine', "
+                         "'cosine_with_restarts', 'polynomial'"),
+     ("learning_rate=.nan", "learning_rate must be a finite number, got nan"),
+     ("learning_rate=nan", "learning_rate must be a finite number, got 'nan'"),
+     ("max_grad_norm=.inf", "max_grad_norm must be a finite number, got inf"),
+     ("validation_seeds=abc", "validation_seeds must be a list of whole numbers, got 'abc'"),
+     ("validation_seeds=[0.5]", "validation_seeds[0] must be a whole number, got 0.5."),
+     ("adam_beta2=1", "adam_beta2 must be at least 0 and below 1, got 1.0."),
+     ("zero_pooled_embeds=3", "zero_pooled_embeds must be true or false, got 3"),
+     ("checkpoints_total_limit=-1", "checkpoints_total_limit must be at least 1, or 0 / null to keep every "
+                                    "checkpoint; got -1.")],
+)
+def test_every_value_is_checked_against_its_type_hint_naming_field_value_and_expectation(override, message):
+    with pytest.raises(ValueError) as error:
+        load_config("tiny", [override])
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_numbers_yaml_reads_as_strings_are_numbers_and_paths_are_strings(tmp_path):
+    config = load_config("tiny", ["max_steps=1e3", "learning_rate=1e-4", "checkpoints_total_limit=0"])
+    assert config.max_steps == 1000 and type(config.max_steps) is int and config.learning_rate == 1e-4
+    config = TrainingConfig(model="tiny", output_dir=tmp_path / "run", train_data=[tmp_path / "a.txt"])
+    assert config.output_dir == str(tmp_path / "run") and config.train_data[0].path == str(tmp_path / "a.txt")
+    (tmp_path / "run").mkdir()
+    assert yaml.safe_load(config.save(tmp_path / "run").read_text())["output_dir"] == str(tmp_path / "run")
+
+
+def test_a_checkpoint_limit_keeps_that_many_and_zero_keeps_all(tmp_path):
+    from flux_small_encoder.training.checkpointing import prune_checkpoints
+
+    for step in (2, 4, 6):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    prune_checkpoints(tmp_path, load_config("tiny", ["checkpoints_total_limit=0"]).checkpoints_total_limit)
+    assert len(list(tmp_path.iterdir())) == 3
+    prune_checkpoints(tmp_path, 1)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-6"]
+
+
+# --- YAML files --------------------------------------------------------------------------------------------------
+
+
+def test_yaml_errors_name_the_file_and_duplicate_keys_are_refused(tmp_path):
+    from flux_small_encoder.training.config_checks import UniqueKeyLoader
+
+    (tmp_path / "dup.yaml").write_text("model: tiny\nmax_steps: 1\nmax_steps: 2\n")
+    with pytest.raises(yaml.YAMLError) as error:
+        load_config(tmp_path / "dup.yaml")
+    message = " ".join(str(error.value).split())
+    assert "found the key 'max_steps' a second time (first on line 2): give each key once" in message
+    assert f'in "{tmp_path / "dup.yaml"}", line 3' in message
+    (tmp_path / "broken.yaml").write_text("model: tiny\nmax_steps: [1\n")
+    with pytest.raises(yaml.YAMLError, match=re.escape(f'in "{tmp_path / "broken.yaml"}"')):
+        load_config(tmp_path / "broken.yaml")
+    with pytest.raises(ValueError, match="override lora: the value '{r: 1, r: 2}' is not valid YAML"):
+        load_config("tiny", ["lora={r: 1, r: 2}"])
+    # A merge key's entries may be overridden one by one.
+    assert yaml.load("a: &a {r: 4, s: 1}\nb: {<<: *a, r: 8}\n", Loader=UniqueKeyLoader)["b"] == {"r": 8, "s": 1}
 
 
 def test_the_model_card_convert_and_hub_do_not_load_the_training_package():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -211,3 +212,67 @@ def test_the_lora_block_reaches_peft(tmp_path):
                if isinstance(module, LoraLayer)}
     assert set(adapted) == {"q", "v"}
     assert all(module.r["default"] == 4 and "default" in module.lora_magnitude_vector for module in adapted.values())
+
+
+# --- what the trainer is handed --------------------------------------------------------------------------------------
+
+
+def _plain_t5():
+    from transformers import T5EncoderModel
+
+    from flux_small_encoder.tiny import tiny_t5_config
+
+    return T5EncoderModel(tiny_t5_config())
+
+
+@pytest.mark.parametrize(
+    "handed_in, message",
+    [({"config": None}, "config must be a TrainingConfig, got None: make one with load_config(NAME_OR_YAML)"),
+     ({"config": "tiny"}, "config must be a TrainingConfig, got 'tiny': make one with load_config(NAME_OR_YAML)"),
+     ({"student": _plain_t5}, "student must be a DistilledT5EncoderModel (a T5 encoder with its projector), got "
+                              "T5EncoderModel: make one from a T5 encoder with DistilledT5EncoderModel."),
+     ({"student": lambda: nn.Linear(4, 4)}, "student must be a DistilledT5EncoderModel (a T5 encoder with its "
+                                            "projector), got Linear"),
+     ({"frozen": object}, "frozen must be FrozenParts or a FLUX pipeline, got object: make FrozenParts("),
+     ({"teacher": object}, "the teacher must be a T5 encoder (an nn.Module such as transformers' T5EncoderModel), "
+                           "got object.")],
+    ids=["config None", "config a name", "student a plain T5", "student a Linear", "frozen an object",
+         "teacher an object"],
+)
+def test_models_of_the_wrong_kind_are_refused_when_the_trainer_is_made(tmp_path, handed_in, message):
+    arguments = {"config": tiny_config(tmp_path)}
+    arguments.update({key: value() if callable(value) else value for key, value in handed_in.items()})
+    config = arguments.pop("config")
+    with pytest.raises(TypeError) as error:
+        DistillationTrainer(config, **arguments)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_a_student_of_another_width_is_refused_at_setup_and_lets_the_folder_go(tmp_path):
+    from flux_small_encoder.tiny import tiny_student
+
+    trainer = DistillationTrainer(tiny_config(tmp_path), student=tiny_student(project_out_dim=16))
+    with pytest.raises(ValueError, match=re.escape("the student produces 16-wide embeddings but the transformer reads "
+                                                   "32-wide ones: make its projector 32 wide (project_out_dim).")):
+        trainer.setup()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_flux_pipeline_handed_in_gives_its_parts_and_its_t5_as_the_teacher(tmp_path, make_pipe, monkeypatch):
+    pipe, student = make_pipe(), models.build_student(tiny_config(tmp_path), 32)
+
+    def refuse(*args):
+        raise AssertionError("a model was loaded although a pipeline was handed in")
+
+    monkeypatch.setitem(models.BUILT_IN_SOURCES, "tiny", models.ModelSource(refuse, refuse, refuse, refuse))
+    trainer = make_trainer(tmp_path, frozen=pipe, student=student)
+    assert trainer.frozen.transformer is pipe.transformer and trainer.teacher is pipe.text_encoder_2
+    assert trainer.frozen.vae_scale_factor == pipe.vae_scale_factor
+    loss, _ = student_update(trainer, [trainer.make_trajectory(0, 0)])
+    assert math.isfinite(loss)
+
+
+def test_train_before_setup_says_to_call_setup(tmp_path):
+    with pytest.raises(RuntimeError, match=re.escape("call setup() before train()")):
+        DistillationTrainer(tiny_config(tmp_path)).train()
+    DistillationTrainer(tiny_config(tmp_path)).cleanup()  # nothing to clean up: no error either

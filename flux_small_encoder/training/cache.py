@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,8 +33,11 @@ from ..atomic import atomic_folder, leftovers, remove
 from ..torch_utils import default_device, precision_dtype
 from .config import TrainingConfig
 from .data import load_sources
+from .files import described_size, is_plain_name
 from .fingerprint import TeacherIdentity, teacher_identity
-from .models import check_cached, load_t5_tokenizer, load_teacher, tokenize_t5
+from .model_checks import check_teacher, check_teacher_source
+from .models import check_cached, load_t5_tokenizer, load_teacher, teacher_name, tokenize_t5, transformer_width
+from .run_folder import writing_into
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +76,11 @@ class TeacherCache:
         except ValueError:
             raise ValueError(f"{index_path} is not JSON: the teacher cache is damaged; write it again with "
                              "`flux-small-encoder cache-teacher`.") from None
-        if self.index.get("format") != FORMAT:
+        if isinstance(self.index, dict) and self.index.get("format") != FORMAT:
             raise ValueError(f"the teacher cache {self.folder} was written by an earlier version, which recorded no "
                              "teacher fingerprint or checksums to check it by: write it again with "
                              "`flux-small-encoder cache-teacher`.")
+        _check_index(self.index, index_path)
         if teacher is not None:
             self._check_teacher(teacher)
         for shard in self.index["shards"]:
@@ -87,8 +90,27 @@ class TeacherCache:
         for shard in self.index["shards"]:
             path = self.folder / shard["file"]
             handle = safe_open(path, framework="pt")
-            digests = handle.metadata()
+            digests = handle.metadata() or {}
+            if unchecked := [key for key in handle.keys() if key not in digests]:
+                raise ValueError(f"teacher cache shard {path} holds no checksum for {len(unchecked)} entries: the "
+                                 "cache is damaged; write it again with `flux-small-encoder cache-teacher`.")
             self._where.update({key: (path, handle, digests[key]) for key in handle.keys()})
+
+    @property
+    def width(self) -> int | None:
+        """The width of the cached embeddings (the teacher's), read from a shard's header; `None` if it is empty."""
+        for key, (_, handle, _) in self._where.items():
+            return handle.get_slice(key).get_shape()[-1]
+        return None
+
+    def check_width(self, width: int) -> None:
+        """Raise `ValueError` if the cached embeddings are not `width` wide (the transformer's T5 input)."""
+        if self.width not in (None, width):
+            raise ValueError(
+                f"the teacher cache {self.folder} holds {self.width}-wide embeddings, but the transformer reads "
+                f"{width}-wide ones (its joint_attention_dim): write a cache with this pipeline's teacher "
+                "(`flux-small-encoder cache-teacher` with the same model and teacher)."
+            )
 
     def _check_teacher(self, teacher: TeacherIdentity) -> None:
         written_by = self.index["teacher"]
@@ -219,7 +241,8 @@ def write_teacher_cache(
     for leftover in leftovers(folder.parent, folder.name, stale_only=True):
         logger.warning(f"removing {leftover}, what a killed cache-teacher left of {folder}.")
         remove(leftover)
-    with atomic_folder(folder) as staging:
+    then = "nothing else was changed: free some space, then run cache-teacher again."
+    with writing_into(folder.parent, f"the teacher cache {folder}", then), atomic_folder(folder) as staging:
         distinct = list(dict.fromkeys(prompts))
         shards, pending, seen = [], {}, set()
 
@@ -227,7 +250,7 @@ def write_teacher_cache(
             path = staging / f"embeddings-{len(shards):05d}.safetensors"
             digests = {key: _digest(embed) for key, embed in pending.items()}  # checked at every read
             save_file(pending, path, metadata={"format": "pt", **digests})
-            _check_shard(path, _described_size(path))  # what reached the disk is what the header describes
+            _check_shard(path, described_size(path))  # what reached the disk is what the header describes
             shards.append({"file": path.name, "size": path.stat().st_size, "sha256": _sha256(path)})
             pending.clear()
 
@@ -280,6 +303,9 @@ def cache_teacher(
         ValueError: Neither `out` nor `config.teacher_cache` says where to write.
         PromptFileError: A prompt file is malformed (nothing is loaded or written).
         FileExistsError: The folder exists (nothing is overwritten).
+        ValueError: The teacher is a distilled encoder, is not as wide as the transformer's T5 input, or its
+            config.json does not describe its weights (checked before they load; see `model_checks.py`).
+        DiskFullError: The disk filled up while the cache was written (nothing of it is kept).
     """
     out = out or config.teacher_cache
     if not out:
@@ -288,9 +314,12 @@ def cache_teacher(
         raise FileExistsError(f"{out} exists: give a new folder for the teacher cache (nothing was overwritten).")
     prompts = load_sources(config.train_data + config.eval_data, seed=config.seed) + config.validation_prompts
     check_cached(config, teacher=True, frozen_parts=False, student=False)
+    width = transformer_width(config)  # `None` where the transformer is not on this machine: then at training start
+    check_teacher_source(config, width)  # from its files, before its weights load
     model_dtype = precision_dtype(config.mixed_precision)
     device = device or default_device()
     teacher = load_teacher(config, model_dtype).to(device)
+    check_teacher(teacher, width, f"teacher {teacher_name(config)}")
     tokenizer = load_t5_tokenizer(config)
     return write_teacher_cache(
         out,
@@ -304,27 +333,39 @@ def cache_teacher(
     )
 
 
+def _check_index(index, path: Path) -> None:
+    """Raise `ValueError` unless `index` has the shape `write_teacher_cache` writes, its shards files of its folder."""
+    shards = index.get("shards") if isinstance(index, dict) else None
+    teacher = index.get("teacher") if isinstance(index, dict) else None
+    problem = None
+    if not isinstance(index, dict):
+        problem = f"a JSON {type(index).__name__}, not an object"
+    elif not isinstance(teacher, dict) or not isinstance(teacher.get("name"), str):
+        problem = "no teacher name"
+    elif not isinstance(index.get("max_sequence_length"), int) or not isinstance(shards, list):
+        problem = "no max_sequence_length or no list of shards"
+    else:
+        for shard in shards:
+            if not isinstance(shard, dict):
+                problem = f"a shard entry {shard!r} is not an object"
+            elif not is_plain_name(shard.get("file")):
+                problem = f"it names {shard.get('file')!r} as a shard, which is not a file of its own folder"
+            elif not isinstance(shard.get("size"), int) or not isinstance(shard.get("sha256"), str):
+                problem = f"no size or sha256 for the shard {shard['file']}"
+            if problem:
+                break
+    if problem:
+        raise ValueError(f"{path} is not an index as cache-teacher writes it ({problem}): refused, nothing was read "
+                         "through it; write the cache again with `flux-small-encoder cache-teacher`.")
+
+
 def _check_shard(path: Path, size: int | None) -> None:
     """Raise `ValueError` unless `path` has `size` bytes, all that its safetensors header describes."""
     actual = path.stat().st_size if path.is_file() else None
-    if actual is None or actual != size or _described_size(path) != actual:
+    if actual is None or actual != size or described_size(path) != actual:
         state = "missing" if actual is None else f"truncated or damaged ({actual} bytes, {size} written)"
         raise ValueError(f"teacher cache shard {path} is {state}: write the cache again with `flux-small-encoder "
                          "cache-teacher`.")
-
-
-def _described_size(path: Path) -> int | None:
-    """The file size a safetensors header describes (8 + header + data), or `None` if the header does not parse."""
-    try:
-        with open(path, "rb") as file:
-            (header_size,) = struct.unpack("<Q", file.read(8))
-            if header_size > path.stat().st_size:
-                return None
-            header = json.loads(file.read(header_size))
-        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    except (OSError, ValueError, KeyError, TypeError, IndexError, struct.error):
-        return None
-    return 8 + header_size + max(ends, default=0)
 
 
 def _digest(tensor: torch.Tensor) -> str:

@@ -43,20 +43,24 @@ from torch import nn
 from ..atomic import atomic_folder, remove
 from ..provenance import TRAINING_CONFIG_NAME
 from .config import TrainingConfig
+from .config_checks import read_yaml
+from .files import DamagedFileError
 from .fingerprint import pipeline_fingerprint
 from .run_folder import (
     CHECKPOINT_PREFIX,
     CONFIG_NAME,
     FINAL_NAME,
     STATE_NAME,
-    checkpoint_lineage,
+    checkpoint_step,
     earlier_run,
     list_checkpoints,
+    read_trainer_state,
     start_run_folder,
     writing_into,
 )
 from .state import (
     apply_optimizer_config,
+    check_training_state,
     load_training_state,
     refuse_pickles,
     rng_state,
@@ -89,6 +93,7 @@ class Resume:
         history: The resumes recorded in its `trainer_state.json`.
         lineage: The sessions that led to it (see `run_folder.new_session`).
         model_fingerprint: The fingerprint of the pipeline it was trained against, if its weights were local.
+        config: The configuration it was written with (its `config.yaml`), if it has one.
     """
 
     path: Path
@@ -97,6 +102,7 @@ class Resume:
     history: list[dict] = field(default_factory=list)
     lineage: list[dict] = field(default_factory=list)
     model_fingerprint: str | None = None
+    config: dict | None = None
 
 
 def checkpoint_folder(output_dir: Path, step: int) -> Path:
@@ -188,6 +194,8 @@ def find_resume_checkpoint(config: TrainingConfig) -> Resume | None:
             `final/`, `metrics.jsonl` or `config.yaml`): nothing is overwritten.
         FileNotFoundError: There is no such checkpoint.
         ValueError: The checkpoint carries a pickle (see `state.refuse_pickles`).
+        DamagedFileError: A file of the checkpoint is damaged (`check_checkpoint`); the message names it and the
+            previous good checkpoint.
     """
     output_dir, choice = Path(config.output_dir), config.resume_from_checkpoint
     if choice is None:
@@ -210,9 +218,53 @@ def find_resume_checkpoint(config: TrainingConfig) -> Resume | None:
     if not (path / STATE_NAME).is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint of this trainer (no {STATE_NAME}).")
     refuse_pickles(path)
-    state = json.loads((path / STATE_NAME).read_text())
-    return Resume(path, state["step"], reason, state.get("resumes", []), checkpoint_lineage(path),
-                  state.get("model_fingerprint"))
+    try:
+        state, saved_config = check_checkpoint(path)
+    except DamagedFileError as error:
+        raise DamagedFileError(f"{error} {_previous_good(path)}") from None
+    return Resume(path, state["step"], reason, state["resumes"], state["lineage"], state.get("model_fingerprint"),
+                  saved_config)
+
+
+def check_checkpoint(path: Path) -> tuple[dict, dict | None]:
+    """A checkpoint's `trainer_state.json` and `config.yaml` (if any), once every file a resume reads from it is
+    checked (`run_folder.read_trainer_state`, `state.check_training_state`): a damaged one fails here, naming the
+    file, before any model loads.
+
+    Raises:
+        DamagedFileError: A file of the checkpoint is missing, truncated or malformed.
+    """
+    state = read_trainer_state(path)
+    check_training_state(path / "state")
+    saved_path = path / CONFIG_NAME
+    if not saved_path.is_file():
+        return state, None
+    try:
+        saved = read_yaml(saved_path)
+    except yaml.YAMLError as error:
+        raise DamagedFileError(f"{saved_path} is not YAML ({' '.join(str(error).split())}): the checkpoint {path} "
+                               "cannot be resumed.") from None
+    if not isinstance(saved, dict):
+        raise DamagedFileError(f"{saved_path} is damaged (not a mapping of config fields): the checkpoint {path} "
+                               "cannot be resumed.")
+    return state, saved
+
+
+def _previous_good(path: Path) -> str:
+    """The sentence naming the newest whole checkpoint before `path` in its folder, to resume from instead."""
+    step = checkpoint_step(path)
+    if step is not None:
+        for earlier in reversed(list_checkpoints(path.parent)):
+            if checkpoint_step(earlier) >= step:
+                continue
+            try:
+                refuse_pickles(earlier)
+                check_checkpoint(earlier)
+            except ValueError:
+                continue
+            return (f"The previous good checkpoint is {earlier}: resume from it with "
+                    f"resume_from_checkpoint={earlier} (nothing was changed).")
+    return f"No earlier checkpoint in {path.parent} is whole (nothing was changed)."
 
 
 def resume_changes(resume: Resume, config: TrainingConfig) -> dict[str, list]:
@@ -226,10 +278,9 @@ def resume_changes(resume: Resume, config: TrainingConfig) -> dict[str, list]:
             f"{resume.path} is at step {resume.step}, past max_steps={config.max_steps}: raise max_steps to continue "
             "it, or resume from an earlier checkpoint (nothing was changed)."
         )
-    saved_path = resume.path / CONFIG_NAME
-    if not saved_path.is_file():
+    if resume.config is None:
         return {}
-    saved, current = yaml.safe_load(saved_path.read_text()), config.to_dict()
+    saved, current = resume.config, config.to_dict()
     changed = {key: [saved[key], current[key]] for key in current if key in saved and saved[key] != current[key]}
     if "model" in changed and resume.model_fingerprint is not None and (
         resume.model_fingerprint == pipeline_fingerprint(config.model, config.revision)
@@ -258,7 +309,11 @@ def restore(accelerator, resume: Resume, student: nn.Module, optimizer, config: 
     Returns:
         The run's resumes so far, this one last, for the checkpoints it writes.
     """
-    load_training_state(resume.path / "state", accelerator.unwrap_model(student), optimizer, accelerator.process_index)
+    try:
+        load_training_state(resume.path / "state", accelerator.unwrap_model(student), optimizer,
+                            accelerator.process_index)
+    except DamagedFileError as error:
+        raise DamagedFileError(f"{error} {_previous_good(resume.path)}") from None
     apply_optimizer_config(optimizer, config)
     aside = None
     if accelerator.is_main_process:

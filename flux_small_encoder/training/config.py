@@ -2,7 +2,8 @@
 
 A run reads a YAML file (a shipped name such as `stage1-compbench`, or a path) for its defaults, then applies
 `key=value` overrides from the command line, and saves the resolved configuration as `output_dir/config.yaml` (and as
-`training_config.yaml` in every student folder it writes). The allowed values of a choice are its `Literal` type hint.
+`training_config.yaml` in every student folder it writes). Every value is checked against its field's type hint
+(`config_checks.py`); the allowed values of a choice are its `Literal` type hint.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from typing import Any, Literal
 import yaml
 
 from ..atomic import write_text_atomically
+from .config_checks import check_fields, parse_yaml_value, read_yaml
 from .lora_block import check_lora, move_flat_lora_keys
 from .run_folder import CONFIG_NAME, METRICS_NAME, list_checkpoints
 
 logger = logging.getLogger(__name__)
 
 SHIPPED_CONFIGS = ("tiny", "stage1-compbench", "stage2-commontext", "stage3-mixed")
+# diffusers' `SchedulerType`s that `get_scheduler` builds from a config's fields (`piecewise_constant` needs rules).
+LRScheduler = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+SEED_RANGE = range(2**32)  # NumPy's (accelerate's `set_seed` seeds it too)
 
 
 @dataclass
@@ -45,6 +50,14 @@ class PromptSource:
     column: str | None = None
     repeat: float = 1.0
     weight: float | None = None
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.repeat < 0:
+            raise ValueError(f"repeat of the prompt source {self.path} must not be negative, got {self.repeat}.")
+        if self.weight is not None and self.weight <= 0:
+            raise ValueError(f"weight of the prompt source {self.path} must be positive, got {self.weight} (to leave "
+                             "the source out, remove it).")
 
 
 @dataclass
@@ -135,9 +148,10 @@ class TrainingConfig:
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
     adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
     weight_decay: float = field(default=1e-3, metadata={"help": "AdamW weight decay."})
-    lr_scheduler: str = field(
+    lr_scheduler: LRScheduler = field(
         default="constant",
-        metadata={"help": "diffusers `get_scheduler` name: constant, constant_with_warmup, linear, cosine, ..."},
+        metadata={"help": "The learning rate schedule, by its diffusers `get_scheduler` name: constant, "
+                  "constant_with_warmup, linear, cosine, cosine_with_restarts or polynomial."},
     )
     lr_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the learning rate schedule."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Clip the student's gradient norm to this (0: off)."})
@@ -170,7 +184,7 @@ class TrainingConfig:
     output_dir: str = field(default="runs/distill", metadata={"help": "Where checkpoints, metrics and final/ go."})
     checkpointing_steps: int = field(default=500, metadata={"help": "Write a checkpoint every this many steps."})
     checkpoints_total_limit: int | None = field(
-        default=None, metadata={"help": "Keep only this many most recent checkpoints (default: all)."}
+        default=None, metadata={"help": "Keep only this many most recent checkpoints (null or 0: all)."}
     )
     resume_from_checkpoint: str | None = field(
         default=None,
@@ -195,39 +209,35 @@ class TrainingConfig:
     )
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            # YAML reads `1e-4` (no dot) as a string.
-            if float in _union_args(hints[f.name]) and isinstance(value, str):
-                try:
-                    setattr(self, f.name, float(value))
-                except ValueError:
-                    raise ValueError(f"{f.name} must be a number, got {value!r}.") from None
         if self.mixed_precision is False:  # YAML reads a bare `no` as false
             self.mixed_precision = "no"
-        for f in dataclasses.fields(self):
-            if typing.get_origin(hints[f.name]) is not Literal:
-                continue
-            allowed = typing.get_args(hints[f.name])
-            if getattr(self, f.name) not in allowed:
-                raise ValueError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(map(repr, allowed))} "
-                                 f"({f.metadata['help']})")
-        self.train_data = [_source(source) for source in self.train_data]
-        self.eval_data = [_source(source) for source in self.eval_data]
+        helps = {f.name: f.metadata["help"] for f in dataclasses.fields(self)}
+        check_fields(self, helps)
+        for name in ("model", "student", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"{name} must not be empty ({helps[name]})")
         for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps",
                      "checkpointing_steps", "eval_steps", "max_sequence_length", "validation_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}.")
         if self.validation_prompts and not self.validation_seeds:
             raise ValueError("validation_seeds must hold at least one seed when validation_prompts are given.")
+        for name, seed in [("seed", self.seed), *(("validation_seeds", seed) for seed in self.validation_seeds)]:
+            if seed not in SEED_RANGE:
+                raise ValueError(f"{name} must be between 0 and 2**32 - 1, got {seed}.")
         if not self.guidance_scales:
             raise ValueError("guidance_scales must hold at least one value.")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
-        for name in ("lr_warmup_steps", "weight_decay", "max_grad_norm", "adam_epsilon"):
+        for name in ("lr_warmup_steps", "weight_decay", "max_grad_norm", "adam_epsilon", "num_eval_prompts"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative, got {getattr(self, name)}.")
+        for name in ("adam_beta1", "adam_beta2", "projector_dropout"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 0 and below 1, got {getattr(self, name)}.")
+        if (self.checkpoints_total_limit or 0) < 0:
+            raise ValueError(f"checkpoints_total_limit must be at least 1, or 0 / null to keep every checkpoint; got "
+                             f"{self.checkpoints_total_limit}.")
         if self.resolution < 16 or self.resolution % 16:
             lower = self.resolution // 16 * 16
             nearest = f"{lower} or {lower + 16}" if lower >= 16 else "16"
@@ -256,22 +266,6 @@ class TrainingConfig:
         return write_text_atomically(Path(folder) / name, yaml.safe_dump(values, sort_keys=False))
 
 
-def _union_args(hint) -> tuple:
-    """`float | None` -> `(float, NoneType)`; a plain hint -> `(hint,)`."""
-    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-
-
-def _source(source: PromptSource | dict | str) -> PromptSource:
-    if isinstance(source, PromptSource):
-        return source
-    if isinstance(source, str):
-        return PromptSource(path=source)
-    unknown = set(source) - {f.name for f in dataclasses.fields(PromptSource)}
-    if unknown:
-        raise ValueError(f"unknown prompt source keys {sorted(unknown)}: use path, column, repeat, weight.")
-    return PromptSource(**source)
-
-
 def config_path(name_or_path: str | os.PathLike) -> Path:
     """The YAML file of a shipped config name (`tiny`, `stage1-compbench`, ...) or of a path."""
     if str(name_or_path) in SHIPPED_CONFIGS:
@@ -298,7 +292,7 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str
         overrides: `key=value` strings, or a dict, that win over the file.
     """
     path = config_path(name_or_path)
-    values = yaml.safe_load(path.read_text()) or {}
+    values = read_yaml(path) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a training config must be a YAML mapping of field names to values.")
     if not isinstance(overrides, dict):
@@ -319,7 +313,9 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str
                            f"folder, moved or copied, so the run goes on there: {run_folder}.")
         values["output_dir"] = str(run_folder)
     default_root = Path.cwd() if str(name_or_path) in SHIPPED_CONFIGS else path.parent
-    _resolve_paths(values, Path(os.path.expanduser(values.get("data_root") or default_root)))
+    data_root = values.get("data_root")  # anything but a path is refused with the config, below
+    _resolve_paths(values, Path(os.path.expanduser(data_root if isinstance(data_root, str) and data_root
+                                                   else default_root)))
     known = {f.name for f in dataclasses.fields(TrainingConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -347,18 +343,29 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r} is not of the form key=value.")
-        parsed = yaml.safe_load(value) if value else None
-        # Paths, names and choices stay strings even when YAML would read them as numbers or booleans (`no`).
-        overrides[key.strip()] = value if key.strip() in _string_fields() and parsed is not None else parsed
+        key = key.strip()
+        if key in _string_fields():  # paths, names and choices stay strings even where YAML reads a number (`no`)
+            overrides[key] = None if value in _YAML_NULLS else value
+        else:
+            overrides[key] = parse_yaml_value(value, f"override {key}") if value else None
     return overrides
+
+
+_YAML_NULLS = ("", "~", "null", "Null", "NULL")
 
 
 def _string_fields() -> set[str]:
     """Fields whose values are strings: plain, optional, or a `Literal` of strings."""
     names = set()
     for name, hint in typing.get_type_hints(TrainingConfig).items():
-        args = typing.get_args(hint) if typing.get_origin(hint) is Literal else _union_args(hint)
-        if str in args or all(isinstance(arg, str) for arg in args):
+        origin = typing.get_origin(hint)
+        if origin is Literal:
+            args = typing.get_args(hint)
+        elif origin in (typing.Union, types.UnionType):  # `str | None`
+            args = [arg for arg in typing.get_args(hint) if arg is not type(None)]
+        else:
+            args = [hint]
+        if all(arg is str or isinstance(arg, str) for arg in args):
             names.add(name)
     return names
 
@@ -369,12 +376,13 @@ def _resolve_paths(values: dict[str, Any], base: Path) -> None:
             continue
         if isinstance(values[key], (str, dict)):
             values[key] = [values[key]]
+        if not isinstance(values[key], list):
+            continue  # refused with the config, naming what is expected
         resolved = []
         for source in values[key]:
-            source = {"path": source} if isinstance(source, str) else dict(source)
-            if "path" not in source:
-                raise ValueError(f"a {key} entry has no `path`: {source}")
-            source["path"] = _resolve_path(str(source["path"]), base)
+            source = {"path": source} if isinstance(source, str) else source
+            if isinstance(source, dict) and isinstance(source.get("path"), str):
+                source = {**source, "path": _resolve_path(source["path"], base)}
             resolved.append(source)
         values[key] = resolved
 

@@ -46,6 +46,15 @@ class FrozenParts:
         """The width of the T5 embeddings the transformer reads (FLUX.1: 4096)."""
         return self.transformer.config.joint_attention_dim
 
+    @classmethod
+    def from_pipeline(cls, pipe) -> FrozenParts:
+        """The frozen parts of a FLUX pipeline (`FluxPipeline` or one with the same components)."""
+        return cls(
+            transformer=pipe.transformer, scheduler=pipe.scheduler, text_encoder=pipe.text_encoder,
+            tokenizer=pipe.tokenizer, tokenizer_2=pipe.tokenizer_2, vae_scale_factor=pipe.vae_scale_factor,
+            vae=getattr(pipe, "vae", None),
+        )
+
     def freeze(self, device: torch.device | str, dtype: torch.dtype) -> FrozenParts:
         """Put the transformer, CLIP and the VAE in eval mode without gradients, on `device`, in `dtype`; returns
         self."""
@@ -69,6 +78,8 @@ class ModelSource:
         cpu_threads: How many threads torch uses on the CPU while a run of this source trains (default: torch's own,
             one per core). Models of a few thousand weights gain nothing from more than one, and on a machine shared
             with other busy processes extra threads mostly wait for each other.
+        transformer_width: `config` -> the transformer's `joint_attention_dim` without building it, to check the
+            teacher before any model loads; `None` when it is not known (then it is checked once the parts are built).
     """
 
     frozen_parts: Callable[[TrainingConfig, torch.dtype], FrozenParts]
@@ -76,6 +87,7 @@ class ModelSource:
     t5_tokenizer: Callable[[TrainingConfig], Any]
     student_t5: Callable[[TrainingConfig], nn.Module]
     cpu_threads: int | None = None
+    transformer_width: Callable[[TrainingConfig], int | None] | None = None
 
 
 def vae_scale_factor(vae_config: Mapping[str, Any]) -> int:
@@ -131,11 +143,22 @@ def _pretrained_student_t5(config: TrainingConfig) -> nn.Module:
     return T5EncoderModel.from_pretrained(config.student, dtype=torch.float32)
 
 
+def _pretrained_transformer_width(config: TrainingConfig) -> int | None:
+    from diffusers import FluxTransformer2DModel
+
+    try:  # `cache-teacher` needs no transformer: it may not be on this machine
+        found = FluxTransformer2DModel.load_config(config.model, subfolder="transformer", revision=config.revision)
+    except OSError:
+        return None
+    return found.get("joint_attention_dim")
+
+
 PRETRAINED = ModelSource(
     frozen_parts=_pretrained_frozen_parts,
     teacher=_pretrained_teacher,
     t5_tokenizer=_pretrained_t5_tokenizer,
     student_t5=_pretrained_student_t5,
+    transformer_width=_pretrained_transformer_width,
 )
 
 
@@ -175,6 +198,12 @@ def _tiny_student_t5(config: TrainingConfig) -> nn.Module:
     return tiny_student_t5(seed=config.seed)  # random whatever `student_init` says: tiny has no pretrained weights
 
 
+def _tiny_transformer_width(config: TrainingConfig) -> int:
+    from ..tiny import JOINT_ATTENTION_DIM
+
+    return JOINT_ATTENTION_DIM
+
+
 BUILT_IN_SOURCES: dict[str, ModelSource] = {
     "tiny": ModelSource(
         frozen_parts=_tiny_frozen_parts,
@@ -182,6 +211,7 @@ BUILT_IN_SOURCES: dict[str, ModelSource] = {
         t5_tokenizer=_tiny_t5_tokenizer,
         student_t5=_tiny_student_t5,
         cpu_threads=1,
+        transformer_width=_tiny_transformer_width,
     ),
 }
 
@@ -261,6 +291,12 @@ def set_source_threads(config: TrainingConfig) -> None:
 def load_frozen_parts(config: TrainingConfig, dtype: torch.dtype) -> FrozenParts:
     """The transformer, scheduler, CLIP text encoder and tokenizers of `config.model`."""
     return model_source(config.model).frozen_parts(config, dtype)
+
+
+def transformer_width(config: TrainingConfig) -> int | None:
+    """The width of the T5 embeddings `config.model`'s transformer reads, from its config alone; `None` if unknown."""
+    width = model_source(config.model).transformer_width
+    return width(config) if width is not None else None
 
 
 def load_teacher(config: TrainingConfig, dtype: torch.dtype) -> nn.Module:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..atomic import is_disk_full, leftovers, remove, write_text_atomically
+from .files import DamagedFileError
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ FINAL_NAME = "final"
 ABANDONED_PREFIX = "abandoned-"
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_NAME = "trainer_state.json"  # written last into a checkpoint's staging folder
+ANY_SESSION = "*"  # the history of a checkpoint without a lineage (see `session_spans`)
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -102,10 +104,14 @@ class RunLock:
             file.close()
         holder = {"pid": os.getpid(), "host": socket.gethostname(),
                   "since": datetime.datetime.now().isoformat(timespec="seconds")}
-        file.truncate(0)
-        file.write(json.dumps(holder).encode())
-        file.flush()
         self._file = file
+        try:
+            file.truncate(0)
+            file.write(json.dumps(holder).encode())
+            file.flush()
+        except BaseException:  # a full disk: let the folder go as it was
+            self.release()
+            raise
         return self
 
     def release(self) -> None:
@@ -113,7 +119,8 @@ class RunLock:
         if self._file is None:
             return
         self.path.unlink(missing_ok=True)  # first: whoever opens the path next gets a new file
-        self._file.close()  # closing the last descriptor releases the flock
+        with suppress(OSError):  # what is left to flush of the holder's name may not fit a full disk
+            self._file.close()  # closing the last descriptor releases the flock
         self._file = None
         if self._created:
             # A new holder may take the folder from here on (its .lock makes it non-empty): then it stays.
@@ -138,8 +145,10 @@ def list_checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=checkpoint_step)
 
 
-def checkpoint_step(path: Path) -> int:
-    return int(_CHECKPOINT_NAME.match(path.name)[1])
+def checkpoint_step(path: Path) -> int | None:
+    """The step in a `checkpoint-STEP` folder's name; `None` for another name."""
+    match = _CHECKPOINT_NAME.match(Path(path).name)
+    return int(match[1]) if match else None
 
 
 def last_good_checkpoint(folder: Path) -> str:
@@ -148,34 +157,51 @@ def last_good_checkpoint(folder: Path) -> str:
     return f"the last good checkpoint is {checkpoints[-1]}" if checkpoints else "no checkpoint was written yet"
 
 
+def how_to_go_on(folder: Path, first: str | None = None) -> str:
+    """The end of the message of a run that stopped: its last good checkpoint and how to resume from it, or, when it
+    wrote none, how to start it again. `first` is what to do before (`"Free some space"`)."""
+    checkpoints = list_checkpoints(folder)
+    if checkpoints:
+        config = Path(folder) / CONFIG_NAME
+        command = (f" (`flux-small-encoder train --config {config} resume_from_checkpoint=latest`)"
+                   if config.is_file() else "")
+        resume = f"{first}, then resume" if first else "Resume"
+        return f"the last good checkpoint is {checkpoints[-1]}. {resume} with resume_from_checkpoint=latest{command}."
+    left = earlier_run(folder)
+    again = (f"start the run again with a new output_dir, or after moving {', '.join(left)} out of {folder}"
+             if left else "start the run again")
+    return (f"no checkpoint was written yet, so there is nothing to resume. "
+            f"{f'{first}, then {again}' if first else again[0].upper() + again[1:]}.")
+
+
 @contextmanager
-def writing_into(folder: Path, what: str) -> Iterator[None]:
-    """Turn a full disk while writing `what` into the run folder into one line naming the last good checkpoint."""
+def writing_into(folder: Path, what: str, then: str | None = None) -> Iterator[None]:
+    """Turn a full disk while writing `what` into `folder` into one line: what could not be written, and `then`, what
+    to do (default: for a run folder, its last good checkpoint and how to go on, see `how_to_go_on`)."""
     try:
         yield
     except Exception as error:
         if not is_disk_full(error):
             raise
-        raise DiskFullError(
-            f"the disk of {folder} is full: {what} could not be written (nothing of it was kept) and "
-            f"{last_good_checkpoint(folder)}. Free some space, then resume with resume_from_checkpoint=latest."
-        ) from error
+        raise DiskFullError(f"the disk of {folder} is full: {what} could not be written (nothing of it was kept) and "
+                            f"{then or how_to_go_on(folder, 'Free some space')}") from error
 
 
 def hold_run_folder(accelerator, folder: Path) -> RunLock:
-    """The main process takes `folder`'s `RunLock` and removes what a killed run left there; if it cannot, every
-    process raises its `RunFolderInUseError`."""
+    """The main process takes `folder`'s `RunLock` and removes what a killed run left there; if it cannot (another
+    run holds it, the disk is full), every process raises its error."""
     from accelerate.utils import broadcast_object_list
 
     lock, refusal = RunLock(folder), None
     if accelerator.is_main_process:
         try:
-            lock.acquire()
-        except RunFolderInUseError as error:
-            refusal = str(error)
+            with writing_into(folder, f"its lock file {LOCK_NAME}"):
+                lock.acquire()
+        except (RunFolderInUseError, DiskFullError) as error:
+            refusal = error
     refusal = broadcast_object_list([refusal])[0]
     if refusal:
-        raise RunFolderInUseError(refusal)
+        raise refusal
     if accelerator.is_main_process:
         clean_leftovers(folder)
     return lock
@@ -195,18 +221,61 @@ def new_session(lineage: list[dict], step: int) -> list[dict]:
 def session_spans(lineage: list[dict], step: int) -> dict[str, tuple[int, int]]:
     """The history of the checkpoint at `step` with `lineage`, as `{session id: (first step, last step)}`.
 
-    A checkpoint or a metric line is in that history when its session's span holds its step.
+    A checkpoint or a metric line is in that history when its session's span holds its step. A checkpoint written
+    before lineages were recorded has none: its history is every step up to its own, whichever session wrote it.
     """
+    if not lineage:
+        return {ANY_SESSION: (0, step)}
     ends = [entry["from_step"] for entry in lineage[1:]] + [step]
     return {entry["session"]: (entry["from_step"], end) for entry, end in zip(lineage, ends, strict=True)}
 
 
 def checkpoint_lineage(path: Path) -> list[dict]:
-    """The lineage in a checkpoint's `trainer_state.json` (none if unreadable, or written before lineages were)."""
+    """The lineage in a checkpoint's `trainer_state.json` (none if unreadable, malformed, or written before lineages
+    were)."""
     try:
-        return json.loads((path / STATE_NAME).read_text()).get("lineage", [])
+        return read_trainer_state(path)["lineage"]
     except (OSError, ValueError):
         return []
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """A checkpoint's `trainer_state.json`, checked: an object whose `step` is a whole number, not negative, and the
+    folder's own (`checkpoint-STEP`), with a well-formed `lineage` and `resumes` (both may be absent: earlier
+    versions).
+
+    Raises:
+        DamagedFileError: One line naming the file and what is wrong with it.
+    """
+    path = Path(checkpoint) / STATE_NAME
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as error:
+        raise DamagedFileError(f"{path} is not JSON ({error}): the checkpoint {checkpoint} cannot be resumed."
+                               ) from None
+    problem = None
+    if not isinstance(state, dict):
+        problem = f"a JSON {type(state).__name__}, not an object"
+    elif not _is_count(state.get("step")):
+        problem = f"its step {state.get('step')!r} is not a whole number of at least 0"
+    elif checkpoint_step(path.parent) not in (None, state["step"]):
+        problem = f"its step {state['step']} is not the step of its folder, {path.parent.name}"
+    elif not _is_lineage(state.setdefault("lineage", [])) or not isinstance(state.setdefault("resumes", []), list):
+        problem = "its lineage or resumes are not lists as the trainer writes them"
+    if problem:
+        raise DamagedFileError(f"{path} is damaged ({problem}): the checkpoint {checkpoint} cannot be resumed.")
+    return state
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_lineage(lineage) -> bool:
+    return isinstance(lineage, list) and all(
+        isinstance(entry, dict) and isinstance(entry.get("session"), str) and _is_count(entry.get("from_step"))
+        for entry in lineage
+    )
 
 
 def start_run_folder(folder: Path, resumed: Path, step: int, lineage: list[dict]) -> Path | None:
@@ -249,7 +318,7 @@ def _history_lines(path: Path, spans: dict[str, tuple[int, int]]) -> tuple[dict[
     for line in read_metrics(path):
         record = json.loads(line)
         if _in_history(spans, record.get("session"), record["step"]):
-            history[record["session"], record["step"]] = line
+            history[record.get("session"), record["step"]] = line
         else:
             other.append(line)
     return history, other
@@ -257,11 +326,11 @@ def _history_lines(path: Path, spans: dict[str, tuple[int, int]]) -> tuple[dict[
 
 def _checkpoint_in_history(checkpoint: Path, spans: dict[str, tuple[int, int]]) -> bool:
     lineage = checkpoint_lineage(checkpoint)
-    return bool(lineage) and _in_history(spans, lineage[-1]["session"], checkpoint_step(checkpoint))
+    return _in_history(spans, lineage[-1]["session"] if lineage else None, checkpoint_step(checkpoint))
 
 
 def _in_history(spans: dict[str, tuple[int, int]], session: str | None, step: int) -> bool:
-    first, last = spans.get(session, (1, 0))
+    first, last = spans.get(session, spans.get(ANY_SESSION, (1, 0)))
     return first <= step <= last
 
 
@@ -304,20 +373,26 @@ def read_metrics(path: Path) -> list[str]:
     """The complete lines of a metrics file; a torn last line (a kill or a full disk mid-write) is dropped.
 
     Raises:
-        ValueError: A line before the last does not parse: the file was damaged otherwise, and is left as it is.
+        DamagedFileError: A line before the last does not parse, or a line is not an object with a whole `step`:
+            the file was damaged otherwise, and is left as it is.
     """
     if not path.is_file():
         return []
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
     for number, line in enumerate(lines, 1):
         try:
-            json.loads(line)
+            record = json.loads(line)
         except ValueError:
             if number < len(lines):
-                raise ValueError(f"{path} line {number} is not JSON: the file is damaged; repair or remove that "
+                raise DamagedFileError(f"{path} line {number} is not JSON: the file is damaged; repair or remove that "
                                  "line, then resume (nothing was changed).") from None
             logger.warning(f"dropped the torn last line of {path} (an interrupted write): {line[:80]!r}")
             return lines[:-1]
+        if not (isinstance(record, dict) and _is_count(record.get("step"))
+                and isinstance(record.get("session", ""), str)):
+            raise DamagedFileError(f"{path} line {number} is not a metrics record (an object with a whole `step`): "
+                                   "the file is damaged; repair or remove that line, then resume (nothing was "
+                                   "changed).")
     return lines
 
 

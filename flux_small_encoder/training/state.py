@@ -20,11 +20,12 @@ import random
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
 from .config import TrainingConfig
+from .files import DamagedFileError, safetensors_problem
 
 logger = logging.getLogger(__name__)
 
@@ -81,22 +82,30 @@ def load_training_state(
     """Restore the student's weights, the optimizer's state and this process's generators from `folder`.
 
     Raises:
-        ValueError: The checkpoint's student is another model than this run's (names the first weight that differs).
+        ValueError: The checkpoint's student is another model than this run's (names the first weight that differs),
+        DamagedFileError: A file is damaged in a way `check_training_state` cannot see (names the file).
     """
     _load_student(folder / STUDENT_STATE, student)
-    with safe_open(folder / OPTIMIZER_STATE, framework="pt") as file:
-        metadata = file.metadata()
-        state = {}
-        for key in file.keys():
-            index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = file.get_tensor(key)
-    for index, slots in json.loads(metadata["plain"]).items():
-        state.setdefault(int(index), {}).update(slots)
-    groups = json.loads(metadata["param_groups"])
-    for saved, current in zip(groups, optimizer.param_groups, strict=True):
-        saved.update({key: tuple(value) for key, value in saved.items() if isinstance(current.get(key), tuple)})
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
-    _load_rng_state(folder / RNG_STATE.format(rank=process_index))
+    path = folder / OPTIMIZER_STATE
+    try:
+        _load_optimizer(path, optimizer)
+        path = folder / RNG_STATE.format(rank=process_index)
+        _load_rng_state(path)
+    except (SafetensorError, KeyError, TypeError, ValueError, AttributeError) as error:
+        raise DamagedFileError(f"{path} is damaged ({type(error).__name__}: {' '.join(str(error).split())}): the "
+                               f"checkpoint {folder.parent} cannot be resumed.") from None
+
+
+def check_training_state(folder: Path) -> None:
+    """Raise `DamagedFileError` naming the first file of a checkpoint's `state/` that is missing, truncated or damaged.
+
+    Only the sizes and headers are read: the files are checked before any model loads, and their loading cannot fail
+    halfway with an error that names no file.
+    """
+    rng_files = sorted(folder.glob(RNG_STATE.format(rank="*")))
+    for path in [folder / STUDENT_STATE, folder / OPTIMIZER_STATE, folder / RNG_STATE.format(rank=0), *rng_files]:
+        if problem := safetensors_problem(path):
+            raise DamagedFileError(f"{path} is {problem}: the checkpoint {folder.parent} cannot be resumed.")
 
 
 def apply_optimizer_config(optimizer: torch.optim.Optimizer, config: TrainingConfig) -> None:
@@ -166,6 +175,21 @@ def _load_student(path: Path, student: nn.Module) -> None:
     if missing:
         raise ValueError(f"the checkpoint's student ({path.parent.parent}) lacks {len(missing)} weights of this run's "
                          f"(first: {missing[0]}). Resume with the student and lora settings it was trained with.")
+
+
+def _load_optimizer(path: Path, optimizer: torch.optim.Optimizer) -> None:
+    with safe_open(path, framework="pt") as file:
+        metadata = file.metadata()
+        state = {}
+        for key in file.keys():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = file.get_tensor(key)
+    for index, slots in json.loads(metadata["plain"]).items():
+        state.setdefault(int(index), {}).update(slots)
+    groups = json.loads(metadata["param_groups"])
+    for saved, current in zip(groups, optimizer.param_groups, strict=True):
+        saved.update({key: tuple(value) for key, value in saved.items() if isinstance(current.get(key), tuple)})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 def _load_rng_state(path: Path) -> None:

@@ -8,6 +8,7 @@ teacher embeddings are computed once (or read from the cache), not once per time
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,8 +33,10 @@ from .checkpointing import (
 )
 from .config import TrainingConfig
 from .data import PromptStream, load_prompts
-from .distill import OBJECTIVES, Trajectory, flux_schedule, per_sample_mse
+from .distill import OBJECTIVES, Trajectory, flux_schedule
 from .fingerprint import pipeline_fingerprint, teacher_identity
+from .held_out import HeldOutEvaluation
+from .model_checks import check_handed_in, check_student, check_teacher, check_teacher_source
 from .models import (
     FrozenParts,
     add_lora,
@@ -42,8 +45,18 @@ from .models import (
     load_frozen_parts,
     load_teacher,
     set_source_threads,
+    teacher_name,
+    transformer_width,
 )
-from .run_folder import append_metrics, hold_run_folder, last_good_checkpoint, new_session
+from .run_folder import (
+    CONFIG_NAME,
+    append_metrics,
+    hold_run_folder,
+    how_to_go_on,
+    last_good_checkpoint,
+    new_session,
+    writing_into,
+)
 from .state import build_lr_scheduler
 
 
@@ -55,11 +68,12 @@ class DistillationTrainer:
     """Distil a small T5 encoder from FLUX's T5-XXL by vision-based distillation with step following.
 
     Args:
-        config: The run's configuration (see `TrainingConfig`).
-        frozen: The frozen FLUX parts to use instead of loading `config.model`'s.
+        config: The run's configuration (see `TrainingConfig`; `load_config` reads one).
+        frozen: The frozen FLUX parts to use instead of loading `config.model`'s: `FrozenParts`, or a FLUX pipeline
+            (whose `text_encoder_2` is then the teacher, unless one is handed in or `config.teacher_cache` is set).
         teacher: The teacher T5 encoder to use instead of loading one (not with `config.teacher_cache`).
-        student: The student to train instead of building one from `config.student` (`config.lora` still wraps it
-            in adapters).
+        student: The `DistilledT5EncoderModel` to train instead of building one from `config.student`
+            (`config.lora` still wraps it in adapters).
 
     Example:
 
@@ -80,12 +94,11 @@ class DistillationTrainer:
         teacher: nn.Module | None = None,
         student: nn.Module | None = None,
     ):
-        if teacher is not None and config.teacher_cache:
-            raise ValueError("a teacher was handed in and teacher_cache is set: give one source of teacher "
-                             "embeddings, not both.")
+        frozen, teacher = check_handed_in(config, frozen, teacher, student)
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.frozen, self.teacher, self.student = frozen, teacher, student
+        self.accelerator, self.ready = None, False  # set up by setup()
         self.step = 0
         self.history: list[dict] = []  # the resumes so far, recorded in every checkpoint
         self.lineage: list[dict] = []  # the sessions that led here, this one last (see run_folder.py)
@@ -107,7 +120,7 @@ class DistillationTrainer:
         except BaseException:
             self.cleanup()
             raise
-        self.start_time = time.perf_counter()
+        self.start_time, self.ready = time.perf_counter(), True
 
     def setup_data(self) -> None:
         """Read every prompt file and find the checkpoint to resume, checking what the config changes against it (a
@@ -122,8 +135,10 @@ class DistillationTrainer:
         """The frozen parts, the teacher (or its cache), the student and the objective: built unless handed in."""
         cfg, device = self.config, self.accelerator.device
         self.dtype = precision_dtype(cfg.mixed_precision)
-        check_cached(cfg, frozen_parts=self.frozen is None, teacher=self.teacher is None and not cfg.teacher_cache,
-                     student=self.student is None)
+        loads_teacher = self.teacher is None and not cfg.teacher_cache
+        check_cached(cfg, frozen_parts=self.frozen is None, teacher=loads_teacher, student=self.student is None)
+        if loads_teacher:  # from its files, before any weights load
+            check_teacher_source(cfg, self.frozen.width if self.frozen is not None else transformer_width(cfg))
         if self.frozen is None:
             self.frozen = load_frozen_parts(cfg, self.dtype)
         self.frozen.freeze(device, self.dtype)
@@ -132,9 +147,12 @@ class DistillationTrainer:
 
         if cfg.teacher_cache:
             teacher = TeacherCache(cfg.teacher_cache, teacher=teacher_identity(cfg))
+            teacher.check_width(self.frozen.width)
         else:
-            if self.teacher is None:
+            if loads_teacher:
                 self.teacher = load_teacher(cfg, self.dtype)
+            check_teacher(self.teacher, self.frozen.width, f"teacher {teacher_name(cfg)}" if loads_teacher
+                          else "the teacher handed in")
             teacher = self.teacher.requires_grad_(False).eval().to(device, self.dtype)
         self.trajectories = TrajectoryMaker(cfg, self.frozen, teacher, device, self.dtype)
         if cfg.teacher_cache:  # every prompt must be cached: nothing is silently recomputed
@@ -143,6 +161,7 @@ class DistillationTrainer:
 
         if self.student is None:
             self.student = build_student(cfg, self.frozen.width)
+        check_student(self.student, self.frozen.width)
         if cfg.lora:
             self.student = add_lora(self.student, cfg.lora)
         self.student.train()
@@ -151,9 +170,8 @@ class DistillationTrainer:
         _, height, width = self.trajectories.latent_shape
         timesteps, sigmas = flux_schedule(self.frozen.scheduler, cfg.num_inference_steps, height * width // 4)
         self.objective = OBJECTIVES[cfg.objective](self.frozen.transformer, timesteps, sigmas).to(device)
-        # Held-out teacher embeddings, computed once.
-        eval_ids = self.trajectories.tokenize(self.eval_prompts) if self.eval_prompts else None
-        self.eval_teacher_embeds = None if eval_ids is None else self.trajectories.teacher_embeds(eval_ids).cpu()
+        # The held-out prompts, with their teacher embeddings computed once.
+        self.held_out = HeldOutEvaluation(self.eval_prompts, self.trajectories, self.objective, cfg)
         # Validation images (main process only): the teacher's are made here, once.
         self.validator = None
         if cfg.validation_prompts and self.accelerator.is_main_process:
@@ -189,50 +207,69 @@ class DistillationTrainer:
     # --- train ------------------------------------------------------------------------------------------------------
 
     def train(self) -> Path:
-        """Train until `max_steps`; returns `output_dir/final`, a `save_pretrained` folder of the student."""
+        """Train until `max_steps`; returns `output_dir/final`, a `save_pretrained` folder of the student.
+
+        Interrupted (Ctrl-C), it says which checkpoint the run can resume from, and how, before the interrupt goes on.
+        """
         from tqdm.auto import tqdm
 
+        if not self.ready:
+            raise RuntimeError("call setup() before train(): it takes output_dir and builds the models.")
         cfg = self.config
-        # The run's record: its resolved config beside its outputs, and the trackers.
-        if self.accelerator.is_main_process:
-            cfg.save(self.output_dir)
-        init_trackers(self.accelerator, cfg)
-        progress = self.progress = tqdm(
-            total=cfg.max_steps, initial=self.step, desc="distill", disable=not self.accelerator.is_local_main_process
-        )
-        if self.step == 0 and self.eval_prompts:
-            self.log({"step": 0, **self.evaluate()})
+        with self.saying_how_to_go_on():
+            # The run's record: its resolved config beside its outputs, and the trackers.
+            if self.accelerator.is_main_process:
+                with writing_into(self.output_dir, CONFIG_NAME):
+                    cfg.save(self.output_dir)
+            init_trackers(self.accelerator, cfg)
+            progress = self.progress = tqdm(total=cfg.max_steps, initial=self.step, desc="distill",
+                                            disable=not self.accelerator.is_local_main_process)
+            if self.step == 0 and self.eval_prompts:
+                self.log({"step": 0, **self.evaluate()})
 
-        while self.step < cfg.max_steps:
-            # A new batch: its prompts, teacher embeddings, noise and guidance, one trajectory per micro-batch.
-            group, first = divmod(self.step, cfg.steps_per_batch)
-            trajectories = [self.make_trajectory(group, micro) for micro in range(cfg.gradient_accumulation_steps)]
-            # Resuming mid-trajectory: the teacher's path does not depend on the student, so it is replayed.
-            with self.forward_context():
-                for trajectory in trajectories:
-                    self.objective.follow_teacher(trajectory, first)
+            while self.step < cfg.max_steps:
+                # A new batch: its prompts, teacher embeddings, noise and guidance, one trajectory per micro-batch.
+                group, first = divmod(self.step, cfg.steps_per_batch)
+                trajectories = [self.make_trajectory(group, micro) for micro in range(cfg.gradient_accumulation_steps)]
+                # Resuming mid-trajectory: the teacher's path does not depend on the student, so it is replayed.
+                with self.forward_context():
+                    for trajectory in trajectories:
+                        self.objective.follow_teacher(trajectory, first)
 
-            for step_index in range(first, cfg.steps_per_batch):
-                # One optimizer step at this timestep; then the latents advance with the teacher's prediction.
-                metrics = self.training_step(trajectories, step_index)
-                self.step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics['lr']:.2e}")
+                for step_index in range(first, cfg.steps_per_batch):
+                    # One optimizer step at this timestep; then the latents advance with the teacher's prediction.
+                    metrics = self.training_step(trajectories, step_index)
+                    self.step += 1
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics['lr']:.2e}")
 
-                if self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps:
-                    metrics.update(self.evaluate())
-                if self.step % cfg.validation_steps == 0 or self.step == cfg.max_steps:
-                    metrics.update(self.validate())
-                self.log(metrics)
-                if self.step % cfg.checkpointing_steps == 0 or self.step == cfg.max_steps:
-                    self.save_checkpoint()
-                if self.step >= cfg.max_steps:
-                    break
+                    if self.step % cfg.eval_steps == 0 or self.step == cfg.max_steps:
+                        metrics.update(self.evaluate())
+                    if self.step % cfg.validation_steps == 0 or self.step == cfg.max_steps:
+                        metrics.update(self.validate())
+                    self.log(metrics)
+                    if self.step % cfg.checkpointing_steps == 0 or self.step == cfg.max_steps:
+                        self.save_checkpoint()
+                    if self.step >= cfg.max_steps:
+                        break
 
-        progress.close()
-        final = self.save_final()
-        self.write_fidelity_report()
+            progress.close()
+            final = self.save_final()
+            self.write_fidelity_report()
         return final
+
+    @contextmanager
+    def saying_how_to_go_on(self) -> Iterator[None]:
+        """On Ctrl-C, close the progress bar and print the last good checkpoint and the resume command (main process),
+        then let the interrupt go on."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            if self.progress is not None:
+                self.progress.close()
+            if self.accelerator.is_main_process:
+                print(f"interrupted at step {self.step}: {how_to_go_on(self.output_dir)}", file=sys.stderr, flush=True)
+            raise
 
     def make_trajectory(self, group: int, micro: int) -> Trajectory:
         """The micro-batch `micro` of batch `group` on this process, at the start of its trajectory."""
@@ -279,40 +316,11 @@ class DistillationTrainer:
             "attention_backend": describe_attention(self.config.attention_backend),
         }
 
-    @torch.no_grad()
     def evaluate(self) -> dict:
-        """Student-vs-teacher prediction error along the teacher's trajectory on the held-out prompts.
-
-        Returns `eval_error` (MSE between the transformer's predictions with student and with teacher embeddings,
-        averaged over timesteps and prompts), `eval_relative_error` (the same over the teacher prediction's mean
-        square) and `eval_embedding_error` (MSE between the embeddings themselves).
-        """
-        if not self.eval_prompts:
-            return {}
-        cfg = self.config
-        rank, world = self.accelerator.process_index, self.accelerator.num_processes
-        totals = torch.zeros(4, device=self.accelerator.device, dtype=torch.float64)
-        mine = list(range(rank, len(self.eval_prompts), world))
+        """The student's errors on the held-out prompts (`held_out.py`): `eval_error`, `eval_relative_error` and
+        `eval_embedding_error`."""
         with self.student_in_eval_mode() as student:
-            for start in range(0, len(mine), cfg.train_batch_size):
-                indices = mine[start : start + cfg.train_batch_size]
-                trajectory = self.trajectories.make_trajectory(
-                    [self.eval_prompts[i] for i in indices], indices, guidance=cfg.eval_guidance_scale,
-                    teacher_embeds=self.eval_teacher_embeds[indices], eval_noise=True,
-                )
-                with self.forward_context():
-                    student_embeds = student(trajectory.input_ids, output_hidden_states=False)[0]
-                    error, relative_error = self.objective.trajectory_errors(trajectory, student_embeds)
-                embedding_error = per_sample_mse(student_embeds, trajectory.teacher_embeds)
-                totals[:3] += torch.stack([error.sum(), relative_error.sum(), embedding_error.sum()])
-                totals[3] += len(indices)
-        totals = self.accelerator.reduce(totals, "sum")
-        count = totals[3].item()
-        return {
-            "eval_error": totals[0].item() / count,
-            "eval_relative_error": totals[1].item() / count,
-            "eval_embedding_error": totals[2].item() / count,
-        }
+            return self.held_out(student, self.accelerator, self.forward_context)
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -375,6 +383,9 @@ class DistillationTrainer:
 
         if self.progress is not None:  # closed before an error is printed, not glued to the bar
             self.progress.close()
+        if self.accelerator is None:  # never set up
+            return
+        self.ready = False
         self.accelerator.end_training()
         free_memory()
         torch.set_num_threads(self.threads)

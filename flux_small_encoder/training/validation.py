@@ -27,6 +27,7 @@ from ..evaluation.prompts import EvalPrompt
 from .config import TrainingConfig
 from .distill import VisionDistillation
 from .models import FrozenParts
+from .run_folder import writing_into
 
 VALIDATION_FOLDER = "validation"
 FIDELITY_FOLDER = "fidelity"
@@ -75,7 +76,8 @@ class Validator:
         grid = torch.cat([torch.cat([teacher, student_image], dim=2)
                           for teacher, student_image in zip(self.teacher_images, images, strict=True)], dim=1)
         grid = grid.permute(1, 2, 0).numpy()
-        with atomic_file(Path(output_dir) / VALIDATION_FOLDER / f"step-{step}.png") as staging:
+        path = Path(output_dir) / VALIDATION_FOLDER / f"step-{step}.png"
+        with writing_into(output_dir, f"{VALIDATION_FOLDER}/{path.name}"), atomic_file(path) as staging:
             Image.fromarray(grid).save(staging, format="PNG")
         for tracker in trackers:
             if tracker.name == "tensorboard":
@@ -93,4 +95,5 @@ class Validator:
             ocr=importlib.util.find_spec("rapidocr_onnxruntime") is not None,
         )
         comparison.add(Candidate("student", student, "distilled"))
-        return comparison.results.save(Path(output_dir) / FIDELITY_FOLDER, overwrite=True)
+        with writing_into(output_dir, f"the fidelity report {FIDELITY_FOLDER}/"):
+            return comparison.results.save(Path(output_dir) / FIDELITY_FOLDER, overwrite=True)
