@@ -21,10 +21,10 @@ from safetensors import SafetensorError, safe_open
 
 from .configuration import DistilledT5Config, config_from_dict, parse_config_json, read_config_file
 from .layouts import EMBED_TOKENS_KEY, SHARED_KEY, check_tied_copies, renamed, to_our_keys
-from .messages import few, not_a_regular_file
+from .messages import few
 from .modeling import DistilledT5EncoderModel
+from .paths import PICKLE_SUFFIXES, is_plain_name, not_a_regular_file
 from .pickled import load_pickled_state_dict
-from .suffixes import PICKLE_SUFFIXES
 
 # A ComfyUI file carries no config.json; `convert` stores ours in the safetensors header so a round trip loses nothing.
 CONFIG_METADATA_KEY = "distilled_t5_config"
@@ -269,7 +269,7 @@ def _shard_names(index: Path) -> list[str]:
             "re-save the model, or remove the index if the folder holds a single model.safetensors."
         ) from None
     for name in names:
-        if not isinstance(name, str) or name in ("", ".", "..") or os.path.basename(name) != name:
+        if not is_plain_name(name):
             raise ValueError(
                 f"{str(index)!r} names {name!r} as a shard, which is not a file of its own folder: refused, nothing "
                 "was read from it. Re-save the model, or correct the index's weight_map."

@@ -20,8 +20,8 @@ from .hub import download
 from .layouts import to_comfyui_keys
 from .messages import few
 from .model_card import TRAINING_CONFIG_NAME
+from .paths import PICKLE_SUFFIXES
 from .registry import MODEL_FILES
-from .suffixes import PICKLE_SUFFIXES
 
 # What a folder holding a saved encoder may contain (`save_pretrained`, `convert`, a trainer's `final/`, a download):
 # `convert(..., overwrite=True)` replaces only such a folder, or an empty one.

@@ -1,9 +1,7 @@
-"""Phrases the package's messages share: a few items of a long list, a size in bytes, what a path is."""
+"""Phrases the package's messages share: a few items of a long list, a size in bytes."""
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Sequence
 
 
@@ -21,25 +19,3 @@ def human_size(size: float) -> str:
         size /= 1024
         if size < 1024 or unit == "TB":
             return f"{size:.1f} {unit}"
-
-
-def not_a_regular_file(path: str | os.PathLike) -> str | None:
-    """What `path` is when it is no regular file, following symlinks (`"missing"`, `"a named pipe (FIFO)"`,
-    `"a character device (a symlink to /dev/zero)"`, ...), for a message; `None` for a regular file.
-
-    Reading a pipe or a device as a file would block or never end, so callers check before they open.
-    """
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return f"a symlink to {os.readlink(path)}, which does not exist" if os.path.islink(path) else "missing"
-    except OSError as error:
-        return f"unreadable ({error.strerror})"
-    if stat.S_ISREG(mode):
-        return None
-    kinds = {
-        stat.S_ISDIR: "a folder", stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISCHR: "a character device",
-        stat.S_ISBLK: "a block device", stat.S_ISSOCK: "a socket",
-    }
-    kind = next((name for test, name in kinds.items() if test(mode)), "not a regular file")
-    return f"{kind} (a symlink to {os.readlink(path)})" if os.path.islink(path) else kind

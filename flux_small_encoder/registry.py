@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .messages import not_a_regular_file
-from .suffixes import CHECKPOINT_FILE_SUFFIXES
+from .paths import CHECKPOINT_FILE_SUFFIXES, not_a_regular_file
 
 if TYPE_CHECKING:
     import torch

@@ -29,11 +29,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..atomic import atomic_folder, leftovers, remove
+from ..atomic import atomic_folder
+from ..paths import is_plain_name
 from ..torch_utils import default_device, precision_dtype
 from .config import TrainingConfig
 from .data import load_sources
-from .files import described_size, is_plain_name
+from .files import described_size
 from .fingerprint import TeacherIdentity, teacher_identity
 from .model_checks import check_teacher, check_teacher_source
 from .models import check_cached, load_t5_tokenizer, load_teacher, teacher_name, tokenize_t5, transformer_width
@@ -238,9 +239,6 @@ def write_teacher_cache(
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder} exists: give a new folder for the teacher cache (nothing was overwritten).")
-    for leftover in leftovers(folder.parent, folder.name, stale_only=True):
-        logger.warning(f"removing {leftover}, what a killed cache-teacher left of {folder}.")
-        remove(leftover)
     then = "nothing else was changed: free some space, then run cache-teacher again."
     with writing_into(folder.parent, f"the teacher cache {folder}", then), atomic_folder(folder) as staging:
         distinct = list(dict.fromkeys(prompts))

@@ -8,11 +8,10 @@ that is not a regular file: a symlink to `/dev/zero`) is refused, naming it, bef
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
-from ..messages import not_a_regular_file
+from ..paths import not_a_regular_file
 
 
 class DamagedFileError(ValueError):
@@ -42,11 +41,3 @@ def safetensors_problem(path: Path) -> str | None:
     if described_size(path) != size:
         return f"truncated or damaged ({size} bytes, not what its header describes)"
     return None
-
-
-def is_plain_name(name: object) -> bool:
-    """Whether `name` names a file of its own folder: not a path (`../x`, `/etc/passwd`, `a/b`), `.` or `..`.
-
-    The rule of `checkpoint.weight_files` for the shards of a model index.
-    """
-    return isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name

@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_model, save_file, save_model
 from torch import nn
 
+from ..paths import PICKLE_SUFFIXES
 from .config import TrainingConfig
 from .files import DamagedFileError, safetensors_problem
 
@@ -33,7 +34,6 @@ STUDENT_STATE = "student.safetensors"
 OPTIMIZER_STATE = "optimizer.safetensors"
 RNG_STATE = "rng-{rank}.safetensors"
 # Files that hold (or may hold) a pickle: `torch.save` writes a zip around one, under these names or any other.
-PICKLE_SUFFIXES = (".pkl", ".pickle", ".bin", ".pt", ".pth", ".ckpt")
 # Formats the package reads with parsers that cannot run code.
 SAFE_SUFFIXES = (".safetensors", ".json", ".yaml", ".md", ".txt")
 
