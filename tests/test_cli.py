@@ -1,5 +1,8 @@
+import importlib.util
+import os
 import shutil
 import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ from PIL import Image
 
 import flux_small_encoder
 from flux_small_encoder import hub, registry, training
-from flux_small_encoder.cli import build_parser, main
+from flux_small_encoder.cli import build_parser, hide_torchvision_fallback_notice, main
 from flux_small_encoder.patching import find_encoder_slot
 from flux_small_encoder.tiny import tiny_student
 
@@ -101,6 +104,33 @@ def test_demo_overwrites_when_asked(tmp_path):
     out.write_bytes(b"old")
     assert main(["demo", "--out", str(out), "--overwrite"]) == 0
     assert Image.open(out).size == (32, 32)
+
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("torchvision") is not None, reason="the notice needs torchvision absent")
+def test_the_command_hides_transformers_notice_about_torchvision_and_nothing_else(tmp_path):
+    # A fresh process: transformers prints the notice once per process, when diffusers first imports the processors.
+    code = "import sys; from flux_small_encoder.cli import main; sys.exit(main(sys.argv[1:]))"
+    run = subprocess.run([sys.executable, "-c", code, "demo", "--out", str(tmp_path / "demo.png")],
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.returncode == 0, run.stderr
+    assert "torchvision" not in run.stderr
+
+    import logging
+
+    hide_torchvision_fallback_notice()  # what `main` installed in that process, here
+    logger = logging.getLogger("transformers.utils.import_utils")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    logger.addHandler(handler)
+    try:
+        logger.warning("`XImageProcessor` requires torchvision (not installed); falling back to `XImageProcessorPil`")
+        logger.warning("another notice")
+    finally:
+        logger.removeHandler(handler)
+    assert [record.getMessage() for record in seen] == ["another notice"]
 
 
 # --- the error boundary: one line on stderr, exit status 2 for the package's known errors, 1 for anything else -----

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import linecache
+import logging
 import sys
 
 from .. import __version__
@@ -63,7 +64,28 @@ def main(argv: list[str] | None = None) -> int:
     Args:
         argv: The arguments after the program name (default: `sys.argv[1:]`).
     """
+    hide_torchvision_fallback_notice()
     return run_command(build_parser().parse_args(argv))
+
+
+class _TorchvisionFallbackNotice(logging.Filter):
+    """Drops transformers' notice that an image processor falls back to its PIL version because torchvision is absent.
+
+    diffusers' FLUX pipelines import `CLIPImageProcessor` and `SiglipImageProcessor` for their optional image inputs
+    (IP-Adapter, Redux); without torchvision, transformers 5 prints two lines about it at every command that loads a
+    pipeline, although text-to-image never uses them and the PIL versions work. The library itself leaves the notice
+    alone: only the command hides it.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "requires torchvision (not installed); falling back to" not in record.getMessage()
+
+
+def hide_torchvision_fallback_notice() -> None:
+    """Install `_TorchvisionFallbackNotice` on the transformers logger that prints it (once per process)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _TorchvisionFallbackNotice) for f in logger.filters):
+        logger.addFilter(_TorchvisionFallbackNotice())
 
 
 def build_parser() -> argparse.ArgumentParser:
