@@ -176,8 +176,8 @@ def download(
         LocalEntryNotFoundError: offline (or `local_files_only`) with the files not cached; the message names the repo
             and the `hf download` command that fetches it.
         FileNotFoundError: a checkpoint file path (`.safetensors`, `.pth`, ...) that does not exist.
-        ValueError: what `resolve_encoder` refuses: a name neither registered, a local path, nor a Hub repo id, or one
-            that is both a local path and a registry name or repo id.
+        ValueError: what `resolve_encoder` refuses: a name neither registered, a local path, nor a Hub repo id, or a
+            registry name that is also a local path.
     """
     resolved = resolve_encoder(name_or_repo_id, revision, files=True)
     if resolved.local:

@@ -128,10 +128,11 @@ def resolve_encoder(
     """Resolve an `encoder` argument, the one way every function and command does: a registry name, a local path, or
     a Hub repo id.
 
-    A string that names both a local path and a registry entry or a Hub repo id is refused as ambiguous, as timm's
-    `parse_model_name` refuses one, rather than loading different weights in different places: `./NAME` (or an
-    `os.PathLike`) always means the local path. Anything that is none of the three raises a `ValueError` that lists
-    the registered names.
+    A path that exists is the local path, as in `from_pretrained`: `runs/s1/final` or `ckpt/model.pth` is read from
+    the disk even though it has the shape of a repo id. Only a registry name that is also a local path
+    (`t5-base-distilled/` in the working folder) is refused as ambiguous, as timm's `parse_model_name` refuses one,
+    rather than loading different weights in different places: `./NAME` (or an `os.PathLike`) means the local path.
+    Anything that is none of the three raises a `ValueError` that lists the registered names.
 
     Args:
         encoder: A registry name (`list_pretrained()`), a folder written by `save_pretrained`, or a Hub repo id.
@@ -155,11 +156,10 @@ def resolve_encoder(
     name = os.fsdecode(encoder)
     if not os.path.lexists(name):
         return _resolve_name(name, revision)
-    if isinstance(encoder, str) and (name in _REGISTRY or is_repo_id(name)):
-        meant = "a registered encoder" if name in _REGISTRY else "a Hub repo id"
+    if isinstance(encoder, str) and name in _REGISTRY:
         raise ValueError(
-            f"{name!r} is both {meant} and a local path: pass ./{name} for the local one, or move it out of the "
-            f"way (or run from another folder) to load the {meant.removeprefix('a ')}."
+            f"{name!r} is both a registered encoder and a local path: pass ./{name} for the local one, or move it out "
+            "of the way (or run from another folder) to load the registered encoder."
         )
     if revision is not None:
         raise ValueError(

@@ -1,4 +1,5 @@
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 
 from flux_small_encoder import get_pretrained_spec, list_pretrained, load_encoder
 from flux_small_encoder.cli import main
-from flux_small_encoder.registry import resolve_encoder
+from flux_small_encoder.modeling import DistilledT5EncoderModel
+from flux_small_encoder.registry import ResolvedEncoder, is_repo_id, resolve_encoder
 
 
 def test_registry_names_the_public_checkpoint():
@@ -34,21 +36,35 @@ def _student_folder(student, folder: Path) -> Path:
     return folder
 
 
-AMBIGUOUS = {"registry name": "t5-base-distilled", "repo id": "LifuWang/DistillT5"}
-
-
-@pytest.mark.parametrize("kind", AMBIGUOUS)
-def test_a_name_that_is_also_a_local_folder_is_refused_naming_both_ways(kind, student, tmp_path, monkeypatch):
-    name = AMBIGUOUS[kind]
+def test_a_registry_name_that_is_also_a_local_folder_is_refused_naming_both_ways(student, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    _student_folder(student, tmp_path / name)
-    meant = "a registered encoder" if kind == "registry name" else "a Hub repo id"
-    refusal = f"{name!r} is both {meant} and a local path: pass ./{name} for the local one"
+    _student_folder(student, tmp_path / "t5-base-distilled")
+    refusal = "'t5-base-distilled' is both a registered encoder and a local path: pass ./t5-base-distilled for the local"
     with pytest.raises(ValueError, match=re.escape(refusal)):
-        resolve_encoder(name)
-    for explicit in (f"./{name}", Path(name), str(tmp_path / name)):  # an explicit path means the folder
-        resolved = resolve_encoder(explicit)
-        assert resolved.local and resolved.spec is None and Path(resolved.path).resolve() == tmp_path / name
+        resolve_encoder("t5-base-distilled")
+    for explicit in ("./t5-base-distilled", Path("t5-base-distilled"), str(tmp_path / "t5-base-distilled")):
+        resolved = resolve_encoder(explicit)  # an explicit path means the folder
+        assert resolved.local and resolved.spec is None and Path(resolved.path).resolve() == tmp_path / "t5-base-distilled"
+
+
+@pytest.mark.parametrize("path", ["LifuWang/DistillT5", "runs/final", "ckpt/model.safetensors"])
+def test_a_path_shaped_like_a_repo_id_that_exists_is_the_local_path(path, student, tmp_path, monkeypatch, capsys):
+    # As in from_pretrained: what the trainer prints (`patch_encoder(pipe, 'run2/final')`) and the docs' examples
+    # (`convert ckpt/experiment.pth out/`) are relative paths with one slash, which are also valid repo ids.
+    monkeypatch.chdir(tmp_path)
+    folder = _student_folder(student, tmp_path / "saved")
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    if path.endswith(".safetensors"):
+        shutil.copy(folder / "model.safetensors", tmp_path / path)
+    else:
+        shutil.copytree(folder, tmp_path / path)
+    assert is_repo_id(path)
+    resolved = resolve_encoder(path, files=True)
+    assert resolved == ResolvedEncoder(path, local=True)
+    assert main(["info", path]) == 0
+    assert "parameters:" in capsys.readouterr().out
+    if not path.endswith(".safetensors"):
+        assert type(load_encoder(path)) is DistilledT5EncoderModel
 
 
 @pytest.mark.parametrize("command", ["info", "download", "convert", "plan", "generate"])
