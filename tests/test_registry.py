@@ -39,12 +39,13 @@ def _student_folder(student, folder: Path) -> Path:
 def test_a_registry_name_that_is_also_a_local_folder_is_refused_naming_both_ways(student, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     _student_folder(student, tmp_path / "t5-base-distilled")
-    refusal = "'t5-base-distilled' is both a registered encoder and a local path: pass ./t5-base-distilled for the local"
+    refusal = "'t5-base-distilled' is both a registered encoder and a local path: pass ./t5-base-distilled"
     with pytest.raises(ValueError, match=re.escape(refusal)):
         resolve_encoder("t5-base-distilled")
     for explicit in ("./t5-base-distilled", Path("t5-base-distilled"), str(tmp_path / "t5-base-distilled")):
         resolved = resolve_encoder(explicit)  # an explicit path means the folder
-        assert resolved.local and resolved.spec is None and Path(resolved.path).resolve() == tmp_path / "t5-base-distilled"
+        assert resolved.local and resolved.spec is None
+        assert Path(resolved.path).resolve() == tmp_path / "t5-base-distilled"
 
 
 @pytest.mark.parametrize("path", ["LifuWang/DistillT5", "runs/final", "ckpt/model.safetensors"])
