@@ -77,6 +77,22 @@ def test_user_yaml_relative_paths_and_saved_config(tmp_path):
     assert load_config(saved) == config
 
 
+
+def test_a_relative_data_root_is_saved_absolute_so_the_saved_config_reads_the_same_prompts_from_anywhere(
+    tmp_path, monkeypatch
+):
+    (tmp_path / "prompts").mkdir()
+    (tmp_path / "prompts" / "p.txt").write_text("a cat\n")
+    (tmp_path / "run.yaml").write_text("model: tiny\ntrain_data: [p.txt]\n")
+    monkeypatch.chdir(tmp_path)
+    config = load_config("run.yaml", ["data_root=prompts", f"output_dir={tmp_path / 'out'}"])
+    assert config.train_data[0].path == str(tmp_path / "prompts" / "p.txt")
+    assert config.data_root == str(tmp_path / "prompts")
+    (tmp_path / "out").mkdir()
+    saved = config.save(tmp_path / "out")
+    monkeypatch.chdir(tmp_path / "out")  # a resume, started from another folder
+    assert load_config(saved) == config
+
 @pytest.mark.parametrize(
     "overrides, message",
     [(["mixed_precision=fp16"], "bf16"), (["objective=kl"], "objective"), (["max_stepz=3"], "unknown config keys"),

@@ -284,7 +284,8 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str
 
     Values of overrides are parsed as YAML, so `max_steps=100`, `zero_pooled_embeds=true` and
     `guidance_scales=[3.5]` have the types you expect; `lora.r=8` sets one entry of the `lora` block. Relative prompt
-    paths are resolved against the YAML file's directory, or `data_root` when set. The flat `lora_*` keys of earlier
+    paths are resolved against the YAML file's directory (the current directory for a shipped config), or `data_root`
+    when set (a relative `data_root` against the current directory), and become absolute. The flat `lora_*` keys of earlier
     versions are moved into the `lora` block, with a `FutureWarning` naming the new spelling.
 
     Args:
@@ -314,8 +315,13 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str
         values["output_dir"] = str(run_folder)
     default_root = Path.cwd() if str(name_or_path) in SHIPPED_CONFIGS else path.parent
     data_root = values.get("data_root")  # anything but a path is refused with the config, below
-    _resolve_paths(values, Path(os.path.expanduser(data_root if isinstance(data_root, str) and data_root
-                                                   else default_root)))
+    given_root = isinstance(data_root, str) and bool(data_root)
+    # Absolute, so that the run's saved config.yaml reads the same prompts from any folder, and reading it again (a
+    # resume) does not put `data_root` in front of paths that already start with it.
+    root = Path(os.path.expanduser(data_root if given_root else default_root)).absolute()
+    if given_root:
+        values["data_root"] = str(root)
+    _resolve_paths(values, root)
     known = {f.name for f in dataclasses.fields(TrainingConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
