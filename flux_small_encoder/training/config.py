@@ -283,9 +283,9 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str
     """Read a YAML config (a shipped name or a path) and apply `key=value` overrides on top.
 
     Values of overrides are parsed as YAML, so `max_steps=100`, `zero_pooled_embeds=true` and
-    `guidance_scales=[3.5]` have the types you expect; `lora.r=8` sets one entry of the `lora` block. Relative prompt
-    paths are resolved against the YAML file's directory (the current directory for a shipped config), or `data_root`
-    when set (a relative `data_root` against the current directory), and become absolute. The flat `lora_*` keys of earlier
+    `guidance_scales=[3.5]` have the types you expect; `lora.r=8` sets one entry of the `lora` block. Relative
+    prompt paths are resolved against the YAML file's directory (the current directory for a shipped config), or
+    `data_root` when set (a relative `data_root` against the current directory), and become absolute. The flat `lora_*` keys of earlier
     versions are moved into the `lora` block, with a `FutureWarning` naming the new spelling.
 
     Args:
