@@ -285,8 +285,8 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str
     Values of overrides are parsed as YAML, so `max_steps=100`, `zero_pooled_embeds=true` and
     `guidance_scales=[3.5]` have the types you expect; `lora.r=8` sets one entry of the `lora` block. Relative
     prompt paths are resolved against the YAML file's directory (the current directory for a shipped config), or
-    `data_root` when set (a relative `data_root` against the current directory), and become absolute. The flat `lora_*` keys of earlier
-    versions are moved into the `lora` block, with a `FutureWarning` naming the new spelling.
+    `data_root` when set (a relative `data_root` against the current directory), and become absolute. The flat
+    `lora_*` keys of earlier versions are moved into the `lora` block, with a `FutureWarning` naming the new spelling.
 
     Args:
         name_or_path: A shipped config name or a YAML file.
