@@ -116,8 +116,11 @@ def run_command(args: argparse.Namespace) -> int:
         return 130
     except Exception as error:
         if is_known_error(error):
-            origin = "" if raised_by_the_package(error) else f" (raised in {_origin(error)}; {_TRACEBACK_HINT})"
-            print(f"error: {_library_prefix(error)}{one_line(error)}{origin}", file=sys.stderr)
+            if raised_by_the_package(error):  # a message written for the user, whatever its type
+                print(f"error: {one_line(error)}", file=sys.stderr)
+            else:
+                print(f"error: {_library_prefix(error)}{one_line(error)} (raised in {_origin(error)}; "
+                      f"{_TRACEBACK_HINT})", file=sys.stderr)
             return 2
         print(
             f"error: unexpected {type(error).__name__}: {one_line(error)} ({_TRACEBACK_HINT})",
