@@ -40,3 +40,11 @@ def test_relative_links_lead_to_files_that_exist(page):
         if "://" in target or target.startswith("mailto:"):
             continue
         assert (page.parent / target).exists(), f"{page.name} links to {target}, which does not exist"
+
+
+def test_the_architecture_page_names_every_module():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    modules = sorted((ROOT / "flux_small_encoder").rglob("*.py"))
+    missing = [str(m.relative_to(ROOT)) for m in modules
+               if m.name not in ("__init__.py", "__main__.py") and not re.search(rf"\b{re.escape(m.name)}\b", page)]
+    assert not missing, f"docs/architecture.md's map does not name {missing}"

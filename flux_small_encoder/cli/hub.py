@@ -32,7 +32,7 @@ def register(subparsers) -> None:
         examples=["t5-base-distilled", "me/flux-t5-small-distilled --revision v1 --token hf_..."],
         run=run_download,
     )
-    parser.add_argument("encoder", help="registry name or Hub repo id")
+    parser.add_argument("encoder", help="registry name or Hub repo id (a local folder or file is printed as it is)")
     options.add_revision(parser)
     parser.add_argument("--cache-dir", help="Hugging Face cache folder (default: HF_HUB_CACHE)")
     parser.add_argument("--local-files-only", action="store_true", help="use the cache only, never the network")
