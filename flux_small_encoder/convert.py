@@ -11,6 +11,7 @@ import json
 import os
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_file, atomic_folder
@@ -20,7 +21,7 @@ from .hub import download
 from .layouts import to_comfyui_keys
 from .messages import few
 from .model_card import TRAINING_CONFIG_NAME
-from .paths import PICKLE_SUFFIXES
+from .paths import PICKLE_SUFFIXES, not_a_regular_file
 from .registry import MODEL_FILES
 
 # What a folder holding a saved encoder may contain (`save_pretrained`, `convert`, a trainer's `final/`, a download):
@@ -44,8 +45,9 @@ def convert(
             (the config goes into its header, so converting it back restores it exactly).
         config: A `config.json` path or a config: overrides the one stored with `src`. Without either, the dimensions
             are inferred from the tensor shapes (`checkpoint.infer_config`).
-        overwrite: Replace an existing `dst`: a ComfyUI file, or a folder holding a saved encoder and nothing else
-            (`SAVED_ENCODER_FILES`). Any other folder is refused, naming what it holds: nothing of it is deleted.
+        overwrite: Replace an existing `dst`: a safetensors file (a ComfyUI file), or a folder holding a saved encoder
+            and nothing else (`SAVED_ENCODER_FILES`). Any other file or folder is refused, naming what it holds:
+            nothing of it is deleted.
 
     Returns:
         The path written.
@@ -88,6 +90,16 @@ def _check_replaceable(dst: Path) -> None:
     if dst.suffix == ".safetensors":
         if dst.is_dir():
             raise ValueError(f"{refusal}: it is a folder, not a ComfyUI .safetensors file; {keep}.")
+        if kind := not_a_regular_file(dst):
+            raise ValueError(f"{refusal}: it is {kind}, not a .safetensors file; {keep}.")
+        try:
+            with safe_open(dst, "pt"):  # the header only
+                pass
+        except Exception:  # safetensors raises its own SafetensorError for a file it cannot parse
+            raise ValueError(
+                f"{refusal}: it is not a safetensors file (its header does not parse), so it holds no weights "
+                f"--overwrite may replace; {keep}."
+            ) from None
         return
     if not dst.is_dir():
         raise ValueError(f"{refusal}: it is a file, and the destination of a folder conversion is a folder; {keep}.")

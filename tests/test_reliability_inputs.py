@@ -271,6 +271,20 @@ def test_overwrite_refuses_a_file_where_the_folder_would_go(saved, tmp_path):
     assert notes.read_text() == "mine"
 
 
+def test_overwrite_refuses_a_file_that_is_not_safetensors_where_the_comfyui_file_would_go(saved, tmp_path, capsys):
+    notes = tmp_path / "notes.safetensors"
+    notes.write_text("my notes, misnamed")
+    assert cli_error(["convert", str(saved), str(notes), "--overwrite"], capsys) == (
+        f"error: Refusing to replace '{notes}': it is not a safetensors file (its header does not parse), so it "
+        "holds no weights --overwrite may replace; choose another destination, or move what you want to keep out of "
+        "it first."
+    )
+    assert notes.read_text() == "my notes, misnamed"
+    comfy = tmp_path / "comfy.safetensors"
+    convert(saved, comfy)
+    convert(saved, comfy, overwrite=True)  # a safetensors file is replaced
+
+
 def test_overwrite_replaces_a_trainers_final_folder(saved, tmp_path):
     final = tmp_path / "final"
     shutil.copytree(saved, final)
