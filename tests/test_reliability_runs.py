@@ -552,6 +552,36 @@ def test_a_cache_index_that_is_not_an_object_is_refused_in_one_line(tiny_cache, 
         one_line_error(capsys))
 
 
+@pytest.mark.parametrize(
+    "edit, problem",
+    [(lambda index: index.update(shards=[]), "holds 0 entries, but its index says {n}: the cache is damaged"),
+     (lambda index: index.update(format=99), "is in format 99, newer than this version reads"),
+     (lambda index: index.update(format=1), "was written by an earlier version")],
+    ids=["no shards", "newer format", "earlier format"],
+)
+def test_a_cache_index_that_disagrees_with_its_shards_or_its_reader_is_refused(tiny_cache, tmp_path, edit, problem):
+    from flux_small_encoder.training import verify_teacher_cache
+
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    n = index["num_prompts"]
+    edit(index)
+    (tmp_path / "cache" / "index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=re.escape(problem.format(n=n))):
+        verify_teacher_cache(tmp_path / "cache")
+
+
+def test_a_shard_of_the_written_size_whose_header_does_not_describe_it_is_named_damaged(tiny_cache, tmp_path):
+    from flux_small_encoder.training import verify_teacher_cache
+
+    shutil.copytree(tiny_cache, tmp_path / "cache")
+    shard = tmp_path / "cache" / "embeddings-00000.safetensors"
+    shard.write_bytes(b"x" * shard.stat().st_size)
+    with pytest.raises(ValueError, match=re.escape(
+            f"teacher cache shard {shard} is damaged (its safetensors header does not describe its")):
+        verify_teacher_cache(tmp_path / "cache")
+
+
 def test_checking_that_the_cache_covers_the_prompts_tokenizes_them_in_chunks(tiny_cache, monkeypatch):
     from flux_small_encoder.tiny import tiny_t5_tokenizer
     from flux_small_encoder.training import cache, load_sources

@@ -78,6 +78,11 @@ class TeacherCache:
             raise ValueError(f"{index_path} is not JSON: the teacher cache is damaged; write it again with "
                              "`flux-small-encoder cache-teacher`.") from None
         if isinstance(self.index, dict) and self.index.get("format") != FORMAT:
+            written = self.index.get("format")
+            if isinstance(written, int) and written > FORMAT:
+                raise ValueError(f"the teacher cache {self.folder} is in format {written}, newer than this version "
+                                 f"reads ({FORMAT}): upgrade flux-small-encoder, or write the cache again with "
+                                 "`flux-small-encoder cache-teacher`.")
             raise ValueError(f"the teacher cache {self.folder} was written by an earlier version, which recorded no "
                              "teacher fingerprint or checksums to check it by: write it again with "
                              "`flux-small-encoder cache-teacher`.")
@@ -96,6 +101,10 @@ class TeacherCache:
                 raise ValueError(f"teacher cache shard {path} holds no checksum for {len(unchecked)} entries: the "
                                  "cache is damaged; write it again with `flux-small-encoder cache-teacher`.")
             self._where.update({key: (path, handle, digests[key]) for key in handle.keys()})
+        if self.index.get("num_prompts", len(self._where)) != len(self._where):
+            raise ValueError(f"the teacher cache {self.folder} holds {len(self._where)} entries, but its index says "
+                             f"{self.index['num_prompts']}: the cache is damaged; write it again with "
+                             "`flux-small-encoder cache-teacher`.")
 
     @property
     def width(self) -> int | None:
@@ -361,7 +370,12 @@ def _check_shard(path: Path, size: int | None) -> None:
     """Raise `ValueError` unless `path` has `size` bytes, all that its safetensors header describes."""
     actual = path.stat().st_size if path.is_file() else None
     if actual is None or actual != size or described_size(path) != actual:
-        state = "missing" if actual is None else f"truncated or damaged ({actual} bytes, {size} written)"
+        if actual is None:
+            state = "missing"
+        elif actual == size:
+            state = f"damaged (its safetensors header does not describe its {actual} bytes)"
+        else:
+            state = f"truncated or damaged ({actual} bytes, {size} written)"
         raise ValueError(f"teacher cache shard {path} is {state}: write the cache again with `flux-small-encoder "
                          "cache-teacher`.")
 
