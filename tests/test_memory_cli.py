@@ -6,6 +6,7 @@ import re
 import shutil
 
 import numpy as np
+import huggingface_hub
 import pytest
 from PIL import Image
 
@@ -86,6 +87,19 @@ def test_load_pipeline_refuses_a_budget_that_is_no_size_before_loading(budget, t
     monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", lambda *args, **kwargs: pytest.fail("loaded"))
     with pytest.raises(ValueError, match=re.escape(f"memory budget {budget!r} {NOT_A_BUDGET}")):
         load_pipeline(str(tmp_path), memory_budget=budget)
+
+
+def test_plan_model_not_cached_offline_names_the_command_that_fetches_its_configs(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert main(["plan", "--vram", "24", "--model", "someone/absent-flux"]) == 2
+    assert one_line_error(capsys) == (
+        "error: The configs of the pipeline 'someone/absent-flux' are not in the local Hugging Face cache, and the "
+        "Hub could not be reached (offline, or no connection). Fetch them on a connected machine with `hf download "
+        "someone/absent-flux --include model_index.json --include '*/config.json'` (a few kB), or plan without "
+        "--model for FLUX.1-dev's shipped configs."
+    )
 
 
 @pytest.mark.parametrize("kind", ["missing", "file"])

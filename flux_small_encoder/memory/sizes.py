@@ -208,10 +208,19 @@ def _folder_specs(model: str | os.PathLike, revision: str | None, hub_kwargs: di
         )
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
 
-        folder = Path(snapshot_download(
-            os.fspath(model), revision=revision, allow_patterns=["model_index.json", "*/config.json"], **hub_kwargs
-        ))
+        patterns = ["model_index.json", "*/config.json"]
+        try:
+            folder = Path(snapshot_download(os.fspath(model), revision=revision, allow_patterns=patterns, **hub_kwargs))
+        except LocalEntryNotFoundError:
+            command = f"hf download {os.fspath(model)}" + (f" --revision {revision}" if revision else "")
+            raise LocalEntryNotFoundError(
+                f"The configs of the pipeline {os.fspath(model)!r} are not in the local Hugging Face cache, and the "
+                "Hub could not be reached (offline, or no connection). Fetch them on a connected machine with "
+                f"`{command} --include model_index.json --include '*/config.json'` (a few kB), or plan without --model for "
+                "FLUX.1-dev's shipped configs."
+            ) from None
     index_path = folder / "model_index.json"
     if not index_path.is_file():
         raise FileNotFoundError(f"{model} has no model_index.json: give a diffusers pipeline folder or repo id.")
