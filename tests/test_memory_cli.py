@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 import shutil
 
-import numpy as np
 import huggingface_hub
+import numpy as np
 import pytest
 from PIL import Image
 
