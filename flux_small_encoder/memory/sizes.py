@@ -212,14 +212,15 @@ def _folder_specs(model: str | os.PathLike, revision: str | None, hub_kwargs: di
 
         patterns = ["model_index.json", "*/config.json"]
         try:
-            folder = Path(snapshot_download(os.fspath(model), revision=revision, allow_patterns=patterns, **hub_kwargs))
+            folder = Path(snapshot_download(os.fspath(model), revision=revision, allow_patterns=patterns,
+                                            **hub_kwargs))
         except LocalEntryNotFoundError:
             command = f"hf download {os.fspath(model)}" + (f" --revision {revision}" if revision else "")
             raise LocalEntryNotFoundError(
                 f"The configs of the pipeline {os.fspath(model)!r} are not in the local Hugging Face cache, and the "
                 "Hub could not be reached (offline, or no connection). Fetch them on a connected machine with "
-                f"`{command} --include model_index.json --include '*/config.json'` (a few kB), or plan without --model for "
-                "FLUX.1-dev's shipped configs."
+                f"`{command} --include model_index.json --include '*/config.json'` (a few kB), or plan without "
+                "--model for FLUX.1-dev's shipped configs."
             ) from None
     index_path = folder / "model_index.json"
     if not index_path.is_file():
