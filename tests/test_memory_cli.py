@@ -124,6 +124,18 @@ def test_plan_sizes_a_local_pipeline_folder(make_pipe, student, tmp_path, capsys
     assert f"the configs of {tmp_path / 'pipe'} with {tmp_path / 'student'}, built without weights" in out
 
 
+def test_plan_refuses_an_encoder_the_transformer_cannot_read(student, tmp_path, capsys):
+    student.save_pretrained(tmp_path / "student")  # a tiny student: far narrower than FLUX.1-dev's 4096
+    width = student.config.project_out_dim
+    capsys.readouterr()  # save_pretrained's progress bar
+    assert main(["plan", "--vram", "24", "--encoder", str(tmp_path / "student")]) == 2
+    assert one_line_error(capsys) == (
+        f"error: {tmp_path / 'student'} gives {width}-wide embeddings, but the transformer of FLUX.1-dev's configs "
+        "reads 4096-wide ones (joint_attention_dim): it cannot take its T5 slot; plan with an encoder distilled for "
+        "this pipeline."
+    )
+
+
 @pytest.fixture
 def tiny_model(make_pipe, seeded_hub, tmp_path):
     model = tmp_path / "tiny-flux"

@@ -150,7 +150,9 @@ def folder_footprint(
         if slot is None:
             raise ValueError(f"{source} hold no T5 encoder, nor a text encoder left out: there is no slot for "
                              f"{os.fspath(encoder)}.")
-        specs = {**specs, slot: encoder_spec(encoder, **hub_kwargs)}
+        spec = encoder_spec(encoder, **hub_kwargs)
+        _check_width(spec, specs.get("transformer"), encoder, source)
+        specs = {**specs, slot: spec}
         source += f" with {os.fspath(encoder)}"
     modules = {name: build_component(spec, dtype=dtype) for name, spec in specs.items()}
     return PipelineFootprint(
@@ -159,6 +161,20 @@ def folder_footprint(
         dtype=dtype,
         **_vae_geometry(modules["vae"].config),
         source=f"{source}, built without weights",
+    )
+
+
+def _check_width(encoder_spec: dict, transformer_spec: dict | None, encoder, source: str) -> None:
+    """Refuse an encoder read from files whose embeddings the transformer cannot read. (A registry name's shipped
+    spec is FLUX.1-dev's width, as every registered student is; `patch_encoder` checks it against the real one.)"""
+    width = (transformer_spec or {}).get("config", {}).get("joint_attention_dim")
+    out_dim = encoder_spec["config"]["project_out_dim"]
+    if encoder_spec.get("shipped") or width is None or out_dim == width:
+        return
+    raise ValueError(
+        f"{os.fspath(encoder)} gives {out_dim}-wide embeddings, but the transformer of "
+        f"{source.removeprefix('the configs of ')} reads {width}-wide ones (joint_attention_dim): it cannot take its "
+        "T5 slot; plan with an encoder distilled for this pipeline."
     )
 
 
@@ -176,7 +192,7 @@ def encoder_spec(encoder: str | os.PathLike, **hub_kwargs) -> dict:
     resolved = resolve_encoder(encoder)
     students = reference_specs()["students"]
     if resolved.spec is not None and resolved.spec.name in students:
-        return students[resolved.spec.name]
+        return {**students[resolved.spec.name], "shipped": True}
     folder = fetch_encoder(resolved, allow_patterns=["config.json"], **hub_kwargs)
     config = DistilledT5Config.from_pretrained(folder)
     return {"library": "flux_small_encoder", "class": "DistilledT5EncoderModel", "config": config.to_dict()}
