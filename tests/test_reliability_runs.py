@@ -766,6 +766,33 @@ def test_a_built_in_model_name_that_is_also_a_folder_here_is_refused(tmp_path, m
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("override", ["model=/nonexistent/path", "student=/nonexistent", "teacher=/nonexistent",
+                                      "teacher=./nonexistent", "model=~/nonexistent"])
+def test_a_model_path_to_no_folder_is_refused_before_anything_loads(override, tmp_path, monkeypatch, capsys):
+    from flux_small_encoder.training import trainer
+
+    monkeypatch.setattr(trainer, "load_frozen_parts", lambda *args: pytest.fail("a model was loaded"))
+    assert main(["train", "--config", "tiny", *QUICK, f"output_dir={tmp_path / 'run'}", "student_init=t5",
+                 override]) == 2
+    assert one_line_error(capsys) == f"error: {override}: no such folder; give a local folder or a Hub repo id."
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_encoder_folder_as_the_model_is_refused_as_no_pipeline(student, tmp_path, monkeypatch, capsys):
+    from flux_small_encoder.training import trainer
+
+    student.save_pretrained(tmp_path / "encoder")  # config.json + model.safetensors, no model_index.json
+    monkeypatch.setattr(trainer, "load_frozen_parts", lambda *args: pytest.fail("a model was loaded"))
+    assert main(["train", "--config", "tiny", *QUICK, f"output_dir={tmp_path / 'run'}",
+                 f"model={tmp_path / 'encoder'}"]) == 2
+    assert one_line_error(capsys) == (
+        f"error: model={tmp_path / 'encoder'} is not a diffusers pipeline folder: it has no model_index.json. It "
+        "holds a config.json: it looks like a single model, such as an encoder (which goes in as student or "
+        "teacher), not a pipeline. Give a FLUX pipeline folder saved with save_pretrained, or a Hub repo id such as "
+        "black-forest-labs/FLUX.1-dev.")
+    assert not (tmp_path / "run").exists()
+
+
 def _full_disk(tensors, filename, metadata=None):
     """safetensors' save_file on a full disk: part of the file is written, then ENOSPC."""
     Path(filename).write_bytes(b"\0" * 100)

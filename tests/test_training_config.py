@@ -24,7 +24,7 @@ from flux_small_encoder.training import (
     read_prompts,
 )
 from flux_small_encoder.training.config import config_path
-from flux_small_encoder.training.data import PromptStream, load_sources, split_eval
+from flux_small_encoder.training.data import PromptStream, load_prompts, load_sources, split_eval
 from flux_small_encoder.training.lora_block import T5_LORA_TARGETS
 
 # The choices of the config, read from its type hints as the config itself reads them.
@@ -139,6 +139,41 @@ def test_malformed_file_fails_the_trainer_at_start(tmp_path):
     code = main(["train", "--config", "tiny", f"train_data=[{tmp_path / 'p.jsonl'}]",
                  f"output_dir={tmp_path / 'out'}", "report_to=none"])
     assert code == 2 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".json", ".jsonl", ".csv"])
+def test_a_prompt_file_that_is_not_utf8_names_the_file_and_line(tmp_path, suffix):
+    (tmp_path / f"p{suffix}").write_bytes(b"prompt\n\x00\x80\xff\xfe\n")
+    with pytest.raises(PromptFileError, match=re.escape(f"{tmp_path / f'p{suffix}'}:2: not UTF-8 text (byte 0x80): a "
+                                                        "prompt file must be UTF-8 text; save it as UTF-8.")):
+        read_prompts(tmp_path / f"p{suffix}", column="prompt")
+
+
+def test_no_training_prompts_is_said_first_and_a_repeat_of_zero_is_refused(tmp_path, capsys):
+    from flux_small_encoder.cli import main
+
+    (tmp_path / "empty.yaml").write_text("")
+    assert main(["train", "--config", str(tmp_path / "empty.yaml"), f"output_dir={tmp_path / 'out'}"]) == 2
+    assert capsys.readouterr().err == ("error: train_data gives no prompts: it names no prompt file; give train_data "
+                                       "(in the YAML config, or as train_data=[prompts.txt]).\n")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match=r"tiny_prompts.txt must be above 0, got 0.0 \(to leave the source out, "):
+        load_config("tiny", ["train_data=[{path: package:tiny_prompts.txt, repeat: 0}]"])
+    config = load_config("tiny", ["train_data=[{path: package:tiny_prompts.txt, repeat: 0.001}]"])
+    with pytest.raises(ValueError, match="train_data gives no prompts: its repeats take none of them; raise repeat"):
+        load_prompts(config)
+
+
+@pytest.mark.parametrize("where", ["file", "dev/null", "inside a file"])
+def test_an_output_dir_that_is_no_folder_is_refused_with_the_config(tmp_path, where):
+    (tmp_path / "file").write_text("kept")
+    output_dir = {"file": tmp_path / "file", "dev/null": Path("/dev/null"), "inside a file": tmp_path / "file" / "run"}
+    what = {"file": "is a file", "dev/null": "is a character device",
+            "inside a file": f"is inside {tmp_path / 'file'}, which is a file"}[where]
+    with pytest.raises(ValueError, match=re.escape(f"output_dir={output_dir[where]} {what}, not a folder: give a "
+                                                   "folder (new or one of an earlier run) for the run's checkpoints")):
+        load_config("tiny", [f"output_dir={output_dir[where]}"])
+    assert (tmp_path / "file").read_text() == "kept"
 
 
 def test_mixing_by_repeat_and_weight(tmp_path):
@@ -348,18 +383,31 @@ def test_yaml_errors_name_the_file_and_duplicate_keys_are_refused(tmp_path):
     from flux_small_encoder.training.config_checks import UniqueKeyLoader
 
     (tmp_path / "dup.yaml").write_text("model: tiny\nmax_steps: 1\nmax_steps: 2\n")
-    with pytest.raises(yaml.YAMLError) as error:
+    with pytest.raises(ValueError) as error:
         load_config(tmp_path / "dup.yaml")
-    message = " ".join(str(error.value).split())
-    assert "found the key 'max_steps' a second time (first on line 2): give each key once" in message
-    assert f'in "{tmp_path / "dup.yaml"}", line 3' in message
-    (tmp_path / "broken.yaml").write_text("model: tiny\nmax_steps: [1\n")
-    with pytest.raises(yaml.YAMLError, match=re.escape(f'in "{tmp_path / "broken.yaml"}"')):
-        load_config(tmp_path / "broken.yaml")
+    assert str(error.value) == (f"{tmp_path / 'dup.yaml'}, line 3, column 1: found the key 'max_steps' a second time "
+                                "(first on line 2): give each key once.")
     with pytest.raises(ValueError, match="override lora: the value '{r: 1, r: 2}' is not valid YAML"):
         load_config("tiny", ["lora={r: 1, r: 2}"])
     # A merge key's entries may be overridden one by one.
     assert yaml.load("a: &a {r: 4, s: 1}\nb: {<<: *a, r: 8}\n", Loader=UniqueKeyLoader)["b"] == {"r": 8, "s": 1}
+
+
+@pytest.mark.parametrize("text, message", [
+    (b"model: tiny\nmax_steps: [1\n", "line 3, column 1: expected ',' or ']', but got '<stream end>' (while parsing a "
+                                       "flow sequence); correct the YAML there."),
+    (b"model: tiny\n\tmax_steps: 1\n", "line 2, column 1: found character '\\t' that cannot start any token (while "
+                                        "scanning for the next token); correct the YAML there."),
+    (b"model: \x80\xff\n", "byte 7: not UTF-8 text (invalid start byte, 0x80); save the config as UTF-8."),
+    (b"model: \"a\x07\"\n", "character 9: a control character (0x07) that YAML does not allow; remove it."),
+])
+def test_a_yaml_syntax_error_is_one_line_naming_the_file_line_and_column(tmp_path, capsys, text, message):
+    from flux_small_encoder.cli import main
+
+    (tmp_path / "broken.yaml").write_bytes(text)
+    assert main(["train", "--config", str(tmp_path / "broken.yaml"), f"output_dir={tmp_path / 'out'}"]) == 2
+    assert capsys.readouterr().err == f"error: {tmp_path / 'broken.yaml'}, {message}\n"
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_model_card_convert_and_hub_do_not_load_the_training_package():

@@ -37,7 +37,6 @@ import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from torch import nn
 
 from ..atomic import atomic_folder, remove
@@ -241,9 +240,8 @@ def check_checkpoint(path: Path) -> tuple[dict, dict | None]:
         return state, None
     try:
         saved = read_yaml(saved_path)
-    except yaml.YAMLError as error:
-        raise DamagedFileError(f"{saved_path} is not YAML ({' '.join(str(error).split())}): the checkpoint {path} "
-                               "cannot be resumed.") from None
+    except ValueError as error:  # the message names the file, line and column
+        raise DamagedFileError(f"{error} The checkpoint {path} cannot be resumed.") from None
     if not isinstance(saved, dict):
         raise DamagedFileError(f"{saved_path} is damaged (not a mapping of config fields): the checkpoint {path} "
                                "cannot be resumed.")

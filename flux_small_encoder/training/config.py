@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from ..atomic import write_text_atomically
-from .config_checks import check_fields, parse_yaml_value, read_yaml
+from .config_checks import check_fields, check_output_dir, parse_yaml_value, read_yaml
 from .lora_block import check_lora, move_flat_lora_keys
 from .run_folder import CONFIG_NAME, METRICS_NAME, list_checkpoints
 
@@ -53,8 +53,9 @@ class PromptSource:
 
     def __post_init__(self):
         check_fields(self)
-        if self.repeat < 0:
-            raise ValueError(f"repeat of the prompt source {self.path} must not be negative, got {self.repeat}.")
+        if self.repeat <= 0:
+            raise ValueError(f"repeat of the prompt source {self.path} must be above 0, got {self.repeat} (to leave "
+                             "the source out, remove it).")
         if self.weight is not None and self.weight <= 0:
             raise ValueError(f"weight of the prompt source {self.path} must be positive, got {self.weight} (to leave "
                              "the source out, remove it).")
@@ -216,6 +217,7 @@ class TrainingConfig:
         for name in ("model", "student", "output_dir"):
             if not getattr(self, name):
                 raise ValueError(f"{name} must not be empty ({helps[name]})")
+        check_output_dir(self.output_dir)
         for name in ("max_steps", "train_batch_size", "gradient_accumulation_steps", "num_inference_steps",
                      "checkpointing_steps", "eval_steps", "max_sequence_length", "validation_steps"):
             if getattr(self, name) < 1:
@@ -296,8 +298,7 @@ def load_config(name_or_path: str | os.PathLike, overrides: list[str] | dict[str
     values = read_yaml(path) or {}
     if not isinstance(values, dict):
         raise ValueError(f"{path}: a training config must be a YAML mapping of field names to values.")
-    if not isinstance(overrides, dict):
-        overrides = parse_overrides(overrides)
+    overrides = overrides if isinstance(overrides, dict) else parse_overrides(overrides)
     for key, value in overrides.items():
         head, dot, tail = key.partition(".")
         if dot:  # `lora.r=8`: one entry of a mapping field
@@ -351,13 +352,10 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"override {item!r} is not of the form key=value.")
         key = key.strip()
         if key in _string_fields():  # paths, names and choices stay strings even where YAML reads a number (`no`)
-            overrides[key] = None if value in _YAML_NULLS else value
+            overrides[key] = None if value in ("", "~", "null", "Null", "NULL") else value  # YAML's nulls
         else:
             overrides[key] = parse_yaml_value(value, f"override {key}") if value else None
     return overrides
-
-
-_YAML_NULLS = ("", "~", "null", "Null", "NULL")
 
 
 def _string_fields() -> set[str]:

@@ -19,6 +19,12 @@ from typing import Any, Literal
 
 import yaml
 
+from ..paths import not_a_regular_file
+
+
+class DuplicateKeyError(yaml.constructor.ConstructorError):
+    """A mapping that gives a key twice; its message says to give each key once."""
+
 
 class UniqueKeyLoader(yaml.SafeLoader):
     """yaml's `SafeLoader`, refusing a mapping that gives a key twice (`SafeLoader` keeps the last one silently)."""
@@ -35,7 +41,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
                 except TypeError:  # an unhashable key: SafeLoader refuses it itself
                     continue
                 if first is not key_node:
-                    raise yaml.constructor.ConstructorError(
+                    raise DuplicateKeyError(
                         "while constructing a mapping", node.start_mark,
                         f"found the key {key!r} a second time (first on line {first.start_mark.line + 1}): give "
                         "each key once", key_node.start_mark,
@@ -47,10 +53,35 @@ def read_yaml(path: str | os.PathLike) -> Any:
     """The YAML document in `path`, read safely (no `!!python` tags) and refusing duplicate keys.
 
     Raises:
-        yaml.YAMLError: The file is not valid YAML; the message names the file, line and column.
+        ValueError: The file is not valid YAML (or not UTF-8 text); one line naming the file, line and column.
     """
-    with open(path, "rb") as stream:  # a file stream: yaml names it in its messages, not "<unicode string>"
-        return yaml.load(stream, Loader=UniqueKeyLoader)
+    try:
+        with open(path, "rb") as stream:
+            return yaml.load(stream, Loader=UniqueKeyLoader)
+    except yaml.MarkedYAMLError as error:
+        mark = error.problem_mark or error.context_mark
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        context = f" ({error.context})" if error.context else ""
+        fix = "" if isinstance(error, DuplicateKeyError) else f"{context}; correct the YAML there"
+        raise ValueError(f"{path}{where}: {error.problem}{fix}.") from None
+    except yaml.reader.ReaderError as error:  # bytes that are not UTF-8, or a control character ("unicode")
+        if error.encoding != "unicode":
+            raise ValueError(f"{path}, byte {error.position}: not UTF-8 text ({error.reason}, 0x{error.character:02x})"
+                             "; save the config as UTF-8.") from None
+        raise ValueError(f"{path}, character {error.position}: a control character ({error.character:#04x}) that "
+                         "YAML does not allow; remove it.") from None
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse an `output_dir` that cannot become a folder: it, or the nearest part of it that exists, is no folder."""
+    for path in (Path(output_dir), *Path(output_dir).parents):
+        if path.is_dir():
+            return
+        if os.path.lexists(path):
+            kind = not_a_regular_file(path) or "a file"
+            what = "is" if path == Path(output_dir) else f"is inside {path}, which is"
+            raise ValueError(f"output_dir={output_dir} {what} {kind}, not a folder: give a folder (new or one "
+                             "of an earlier run) for the run's checkpoints and final/.")
 
 
 def parse_yaml_value(text: str, where: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import io
 import json
 import math
 import random
@@ -36,11 +37,14 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
         raise PromptFileError(f"{path}: prompt file not found.")
     suffix = path.suffix.lower()
     column = column or DEFAULT_COLUMN
+    if suffix not in (".txt", ".json", ".jsonl", ".csv"):
+        raise PromptFileError(f"{path}: unknown prompt file type {suffix!r}: use .txt, .json, .jsonl or .csv.")
+    text = _read_text(path)
     if suffix == ".txt":
-        prompts = path.read_text(encoding="utf-8").splitlines()
+        prompts = text.splitlines()
     elif suffix == ".json":
         try:
-            items = json.loads(path.read_text(encoding="utf-8"))
+            items = json.loads(text)
         except json.JSONDecodeError as error:
             raise PromptFileError(f"{path}:{error.lineno}: invalid JSON ({error.msg}).") from None
         if not isinstance(items, list):
@@ -48,7 +52,7 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
         prompts = [_prompt_of(item, column, path, f"item {index}") for index, item in enumerate(items)]
     elif suffix == ".jsonl":
         prompts = []
-        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        for line_number, line in enumerate(text.splitlines(), start=1):
             if not line.strip():
                 continue
             try:
@@ -56,17 +60,25 @@ def read_prompts(path: str | Path, column: str | None = None) -> list[str]:
             except json.JSONDecodeError as error:
                 raise PromptFileError(f"{path}:{line_number}: invalid JSON ({error.msg}).") from None
             prompts.append(_prompt_of(item, column, path, f"line {line_number}"))
-    elif suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as handle:
-            reader = csv.DictReader(handle)
-            if column not in (reader.fieldnames or []):
-                raise PromptFileError(
-                    f"{path}:1: no column {column!r} (columns: {reader.fieldnames}); set `column` in the source."
-                )
-            prompts = [row[column] or "" for row in reader]
     else:
-        raise PromptFileError(f"{path}: unknown prompt file type {suffix!r}: use .txt, .json, .jsonl or .csv.")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if column not in (reader.fieldnames or []):
+            raise PromptFileError(
+                f"{path}:1: no column {column!r} (columns: {reader.fieldnames}); set `column` in the source."
+            )
+        prompts = [row[column] or "" for row in reader]
     return [prompt.strip() for prompt in prompts if prompt and prompt.strip()]
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, or `PromptFileError` naming the line of the first byte that is not UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise PromptFileError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x}): a prompt file must be "
+                              "UTF-8 text; save it as UTF-8.") from None
 
 
 def _prompt_of(item, column: str, path: Path, where: str) -> str:
@@ -126,6 +138,10 @@ def load_prompts(config: TrainingConfig) -> tuple[list[str], list[str]]:
     """The run's training and held-out prompts: `eval_data` sampled, else `num_eval_prompts` held out of the training
     prompts (and then absent from them)."""
     train = load_sources(config.train_data, seed=config.seed)
+    if not train:
+        raise ValueError("train_data gives no prompts: " + (
+            "its repeats take none of them; raise repeat (1 takes each prompt once)." if config.train_data else
+            "it names no prompt file; give train_data (in the YAML config, or as train_data=[prompts.txt])."))
     if config.eval_data:
         return train, sample_prompts(load_sources(config.eval_data, seed=config.seed), config.num_eval_prompts,
                                      config.seed)

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..modeling import DistilledT5EncoderModel
+from ..paths import not_a_regular_file
 from ..registry import is_repo_id
 from .config import TrainingConfig
 
@@ -233,8 +234,9 @@ def model_source(name: str) -> ModelSource:
 
 
 def check_cached(config: TrainingConfig, *, frozen_parts: bool, teacher: bool, student: bool) -> None:
-    """In offline mode, raise `OSError` for the Hub repos of the run that are not cached, with the `hf download`
-    command that fetches only what training needs (FLUX's T5-XXL only when the teacher is read from the pipeline).
+    """Refuse a path to no folder, or a `model` folder that is no pipeline (`check_model_folders`); then, in offline
+    mode, raise `OSError` for the Hub repos of the run that are not cached, with the `hf download` command that
+    fetches only what training needs (FLUX's T5-XXL only when the teacher is read from the pipeline).
 
     Args:
         config: The run's configuration.
@@ -244,6 +246,7 @@ def check_cached(config: TrainingConfig, *, frozen_parts: bool, teacher: bool, s
     """
     from huggingface_hub import constants
 
+    check_model_folders(config, frozen_parts=frozen_parts, teacher=teacher, student=student)
     if not constants.HF_HUB_OFFLINE:
         return
     wanted: dict[tuple[str, str | None], dict[str, str]] = {}
@@ -270,6 +273,39 @@ def check_cached(config: TrainingConfig, *, frozen_parts: bool, teacher: bool, s
     if problems:
         raise FileNotFoundError(f"the Hub is offline (HF_HUB_OFFLINE=1) and {'; and '.join(problems)}; or give a "
                                 "local folder.")
+
+
+def check_model_folders(config: TrainingConfig, *, frozen_parts: bool, teacher: bool, student: bool) -> None:
+    """Refuse, before anything loads, a model name that is a path (absolute, `./`, `../`, `~`, or more than one `/`)
+    to no folder, and a `model` folder that is no diffusers pipeline (no `model_index.json`); as `check_cached`.
+    """
+    names = {"model": config.model} if frozen_parts or teacher else {}  # the T5 tokenizer is the pipeline's
+    if teacher and config.teacher:
+        names["teacher"] = config.teacher
+    if student and config.student_init != "distilled":  # a distilled student is resolved by `load_encoder`
+        names["student"] = config.student
+    for field, name in names.items():
+        if model_source(name) is not PRETRAINED or os.path.isdir(name) or not _is_path(name):
+            continue
+        if name.startswith("~") and os.path.isdir(os.path.expanduser(name)):
+            raise ValueError(f"{field}={name}: ~ is not expanded in model names; give the full path, "
+                             f"{os.path.expanduser(name)}.")
+        kind = f"it is {not_a_regular_file(name) or 'a file'}, not a folder" if os.path.lexists(name) else (
+            "no such folder")
+        raise ValueError(f"{field}={name}: {kind}; give a local folder or a Hub repo id.")
+    model = names.get("model")  # a folder of only the parts a run reads (tokenizer_2/ always) is taken as it is
+    parts = [os.path.join(model or "", part) for part in ("model_index.json", "tokenizer_2")]
+    if model and os.path.isdir(model) and not any(os.path.exists(part) for part in parts):
+        looks_like = " It holds a config.json: it looks like a single model, such as an encoder (which goes in as " \
+            "student or teacher), not a pipeline." if os.path.isfile(os.path.join(model, "config.json")) else ""
+        raise ValueError(f"model={model} is not a diffusers pipeline folder: it has no model_index.json.{looks_like} "
+                         "Give a FLUX pipeline folder saved with save_pretrained, or a Hub repo id such as "
+                         "black-forest-labs/FLUX.1-dev.")
+
+
+def _is_path(name: str) -> bool:
+    """Whether a model name is written as a path, never a Hub repo id (`owner/name`)."""
+    return os.path.isabs(name) or name.startswith(("./", "../", "~")) or name.count("/") > 1
 
 
 def _is_cached(name: str, filename: str, revision: str | None) -> bool:
