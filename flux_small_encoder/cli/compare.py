@@ -74,9 +74,10 @@ def run_compare(args: argparse.Namespace) -> None:
     if not names:
         raise ValueError("--encoders names no candidate: give at least one (teacher, teacher@METHOD, a registry "
                          "name, a folder or a Hub id).")
-    if args.clip is not None and not os.path.isdir(args.clip):
-        raise FileNotFoundError(f"--clip {args.clip}: no such folder; give a folder holding a transformers CLIPModel "
-                                "and its processor (both saved with save_pretrained).")
+    if args.clip is not None:
+        from ..evaluation.metrics import check_clip_folder
+
+        check_clip_folder(args.clip)  # before the pipeline loads
     device = options.resolve_device(args.device)
     options.check_offload(args.offload, device)
 
