@@ -307,3 +307,92 @@ def test_verify_cache_checks_every_shard_and_names_a_damaged_one(tmp_path, capsy
     shard.write_bytes(bytes(data))
     assert main(["verify-cache", str(cache)]) == 2
     assert f"{shard} does not match its checksum" in one_line_error(capsys)
+
+
+# --- arguments refused while parsing, before anything loads ----------------------------------------------------------
+
+
+def usage_error(argv, capsys) -> str:
+    """What argparse printed for `argv`, a usage error (exit status 2)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["generate", "demo"])
+def test_a_prompt_that_is_not_utf8_is_a_usage_error(command, tmp_path, capsys):
+    """Bytes that are not UTF-8 reach Python as lone surrogates (`printf 'a\\xff'` gives 'a\\udcff'), which no
+    tokenizer takes."""
+    prompt = "cat\udcff"
+    argv = ["generate", prompt] if command == "generate" else ["demo", "--prompt", prompt]
+    err = usage_error([*argv, "--out", str(tmp_path / "out.png")], capsys)
+    assert "prompt" in err and "is not valid UTF-8 text (byte 0xff at character 3)" in err
+    assert not (tmp_path / "out.png").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "a cat", "--height", "8208"], ["generate", "a cat", "--width", "160000"],
+    ["compare", "--tiny", "--size", "8208"],
+])
+def test_an_image_side_above_8192_is_a_usage_error(argv, tmp_path, capsys):
+    assert "use at most 8192" in usage_error([*argv, "--out", str(tmp_path / "out.png")], capsys)
+
+
+def test_compare_size_is_a_multiple_of_16_as_generate_s(tmp_path, capsys):
+    err = usage_error(["compare", "--tiny", "--size", "17", "--out", str(tmp_path / "report")], capsys)
+    assert "argument --size: 17 is not a multiple of 16, which FLUX needs: use 16 or 32" in err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["generate", "a cat", "--seed", "99999999999999999999999"], "is out of range: a seed is a whole number from 0"),
+    (["generate", "a cat", "--seed", "-1"], "is out of range"),
+    (["compare", "--tiny", "--seeds", "99999999999999999999999"], "is out of range"),
+    (["compare", "--tiny", "--seeds", "1,,2"], "'1,,2' has an empty item"),
+    (["compare", "--tiny", "--seeds", "1,1"], "'1,1' gives the seed 1 more than once"),
+    (["compare", "--tiny", "--seeds", "1,x"], "'x' is not a whole number"),
+])
+def test_a_seed_out_of_range_empty_or_repeated_is_a_usage_error(argv, expected, tmp_path, capsys):
+    assert expected in usage_error([*argv, "--out", str(tmp_path / "out")], capsys)
+
+
+def test_compare_takes_seeds_in_range(tmp_path):
+    from flux_small_encoder.cli.options import seed_list
+
+    assert seed_list(" 0, 1 ,9223372036854775807") == [0, 1, 2**63 - 1]
+
+
+def _allocator_error():
+    return RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                        "you tried to allocate 100000000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def _cuda_error():
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total capacity of "
+                                  "79.10 GiB of which 1.5 GiB is free. See documentation for Memory Management")
+
+
+@pytest.mark.parametrize("error, size", [(_allocator_error, "90.9 TB"), (_cuda_error, "20.00 GiB")],
+                         ids=["cpu", "cuda"])
+def test_out_of_memory_is_one_line_with_the_size_and_the_fix(error, size, monkeypatch, capsys):
+    monkeypatch.setattr(registry, "list_pretrained", _raise(error()))
+    assert main(["list"]) == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"error: out of memory (tried to allocate {size}): make the images smaller")
+    assert "--vram" in line and "--offload" in line and "unexpected" not in line
+
+
+@pytest.mark.parametrize("option", ["--encoders", "--prompts"])
+@pytest.mark.parametrize("value", ["", ",,,"])
+def test_compare_refuses_an_empty_list_given_explicitly(option, value, tmp_path, capsys):
+    assert main(["compare", "--tiny", option, value, "--out", str(tmp_path / "report")]) == 2
+    expected = "--encoders names no candidate" if option == "--encoders" else "error: no prompts in"
+    assert expected in one_line_error(capsys)
+    assert not (tmp_path / "report").exists()
+
+
+def test_compare_refuses_offload_on_cpu_as_generate_does(tmp_path, capsys):
+    for argv in (["generate", "a cat", "--out", str(tmp_path / "cat.png")], ["compare", "--tiny", "--out",
+                                                                             str(tmp_path / "report")]):
+        assert main([*argv, "--offload", "--device", "cpu"]) == 2
+        assert "--offload moves each model to an accelerator" in one_line_error(capsys)

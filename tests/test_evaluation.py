@@ -113,6 +113,32 @@ def test_teacher_images_are_cached_not_made_again(make_pipe, tmp_path):
         "transformer": 2 * 5 * steps, "decode": 2 * 2}
 
 
+def test_a_damaged_cache_entry_is_made_again_and_only_that_one(make_pipe, tmp_path, caplog):
+    """A truncated cached PNG is a cache miss, logged once naming the file, not an UnidentifiedImageError for every
+    later run: the teacher makes that image again (one decode more than a fully cached run), and it is rewritten."""
+    from PIL import Image
+
+    pipe, cache = make_pipe(), tmp_path / "cache"
+    counts = counting(pipe)
+
+    def decodes():
+        counts.update(transformer=0, decode=0)
+        compare_encoders(pipe, ["teacher"], PROMPTS[:2], seeds=[0], cache_dir=cache, ocr=False, **TINY)
+        return counts["decode"]
+
+    assert decodes() == 2 * 2
+    damaged, kept = sorted(cache.glob("teacher-*.png"))
+    damaged.write_bytes(damaged.read_bytes()[:60])
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="flux_small_encoder.evaluation.generation"):
+        assert decodes() == 2 * 1 + 1  # the candidate's two, and the teacher's damaged one only
+    warnings = [record.getMessage() for record in caplog.records if "cannot be read" in record.getMessage()]
+    assert len(warnings) == 1 and str(damaged) in warnings[0]
+    with Image.open(damaged) as image:
+        image.load()  # rewritten whole
+    assert decodes() == 2 * 1
+
+
 def test_quantized_teacher_runs_on_cpu(results):
     [encoder] = [entry for entry in results.encoders if entry["encoder"] == "teacher@quanto-int8"]
     assert encoder["kind"] == "quantized"

@@ -259,3 +259,27 @@ def test_compare_a_pipeline_folder_with_clip_scores(make_pipe, tmp_path):
         if record["encoder"] == "teacher":
             assert record["clip_score"] == record["teacher_clip_score"]
     assert "clip_score" in results["reference"]["summary"]["metrics"]
+
+
+@pytest.mark.parametrize("folder", ["encoder", "empty"])
+def test_a_clip_folder_that_is_not_a_clip_model_is_one_line_before_loading(folder, student, tmp_path, capsys):
+    """`--clip` given a saved encoder (or a folder without config.json) is refused from its config.json, before
+    transformers prints a load report and fails on the processor."""
+    from .test_cli import one_line_error
+
+    clip = tmp_path / folder
+    if folder == "encoder":
+        student.save_pretrained(clip)
+    else:
+        clip.mkdir()
+    prompts = tmp_path / "one.txt"
+    prompts.write_text("a red cube\n")
+    capsys.readouterr()  # what saving the encoder printed
+    assert main(["compare", "--tiny", "--encoders", "teacher", "--prompts", str(prompts), "--clip", str(clip),
+                 "--out", str(tmp_path / "report")]) == 2
+    line = one_line_error(capsys)
+    model_type = json.loads((clip / "config.json").read_text())["model_type"] if folder == "encoder" else None
+    problem = f"(its config says model_type {model_type!r})" if model_type else "it has no config.json"
+    assert line.startswith(f"error: --clip {clip} is not a CLIP model") and problem in line
+    assert "openai/clip-vit-large-patch14 downloaded with hf download" in line
+    assert not (tmp_path / "report").exists()

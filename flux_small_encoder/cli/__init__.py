@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import linecache
 import logging
+import re
 import sys
 
 from .. import __version__
+from ..messages import human_size
 from . import checkpoints, compare, generate, hub, options, plan, registry, train
 
 COMMAND_GROUPS = (registry, generate, plan, train, compare, hub, checkpoints)
@@ -115,6 +117,9 @@ def run_command(args: argparse.Namespace) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as error:
+        if (message := out_of_memory(error)) is not None:
+            print(f"error: {message}", file=sys.stderr)
+            return 2
         if is_known_error(error):
             if raised_by_the_package(error):  # a message written for the user, whatever its type
                 print(f"error: {one_line(error)}", file=sys.stderr)
@@ -143,6 +148,33 @@ def is_known_error(error: BaseException) -> bool:
     if isinstance(error, known):
         return True
     return isinstance(error, TypeError) and raised_by_the_package(error)
+
+
+_MEMORY_FIX = ("make the images smaller (--height/--width, or --size), use fewer tokens (--max-sequence-length), or "
+               "let a memory plan fit the device (--vram GIB, or --offload)")
+_SIZE_ASKED = re.compile(r"tried to allocate ([0-9][0-9.]*)\s*(bytes|[KMGT]i?B)\b", re.IGNORECASE)
+
+
+def out_of_memory(error: BaseException) -> str | None:
+    """The one line for `error` if it is running out of memory (torch's `OutOfMemoryError`, or the CPU allocator's
+    RuntimeError), with the size asked for and the fix; `None` for any other error.
+
+    torch is looked up only if it is already imported: an error cannot come from a module that never ran.
+    """
+    torch = sys.modules.get("torch")
+    oom_type = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    text = one_line(error)
+    if not ((oom_type is not None and isinstance(error, oom_type)) or (isinstance(error, RuntimeError) and any(
+            phrase in text.lower() for phrase in ("can't allocate memory", "not enough memory")))):
+        return None
+    asked = _SIZE_ASKED.search(text)
+    if asked is None:
+        size = ""
+    elif asked.group(2).lower() == "bytes":
+        size = f" (tried to allocate {human_size(float(asked.group(1)))})"
+    else:
+        size = f" (tried to allocate {asked.group(1)} {asked.group(2)})"
+    return f"out of memory{size}: {_MEMORY_FIX}."
 
 
 def raised_by_the_package(error: BaseException) -> bool:

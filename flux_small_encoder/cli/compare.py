@@ -33,10 +33,12 @@ def register(subparsers) -> None:
                         "quanto-int8)")
     parser.add_argument("--prompts", help="comma-separated: compbench-val, commontext-test, or a .txt/.json/.jsonl/"
                         ".csv file; NAME:N samples N (default: compbench-val:40,commontext-test:40)")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds, one image per prompt and seed")
+    parser.add_argument("--seeds", type=options.seed_list, default="0",
+                        help="comma-separated seeds, one image per prompt and seed (each 0 to 2**63 - 1, once)")
     parser.add_argument("--sample-seed", type=int, default=0, help="seed of the NAME:N prompt samples")
     parser.add_argument("--steps", type=options.positive_int, help="denoising steps (default 20; --tiny 4)")
-    parser.add_argument("--size", type=options.positive_int, help="image height and width (default 1024; --tiny 32)")
+    parser.add_argument("--size", type=options.image_side,
+                        help="image height and width, a multiple of 16 (default 1024; --tiny 32)")
     parser.add_argument("--guidance", type=options.guidance_scale, default=3.5, help="guidance scale")
     parser.add_argument("--max-sequence-length", type=options.positive_int, help="T5 tokens (default 512; --tiny 32)")
     parser.add_argument("--batch-size", type=options.positive_int, default=1, help="images sampled at once")
@@ -62,18 +64,22 @@ def run_compare(args: argparse.Namespace) -> None:
 
     # Refusals first, before the slow imports and loads.
     check_report_folder(Path(args.out), args.overwrite)
-    prompts = load_eval_prompts(args.prompts or (TINY_PROMPTS if args.tiny else "compbench-val:40,commontext-test:40"),
-                                seed=args.sample_seed)
-    seeds = _ints(args.seeds, "--seeds")
-    names = [name.strip() for name in (args.encoders or (TINY_ENCODERS if args.tiny else "")).split(",")]
+    # An explicitly empty --prompts or --encoders ("") is refused below like ",,,", not taken for the default.
+    default_prompts = TINY_PROMPTS if args.tiny else "compbench-val:40,commontext-test:40"
+    prompts = load_eval_prompts(default_prompts if args.prompts is None else args.prompts, seed=args.sample_seed)
+    seeds = args.seeds
+    names = [name.strip() for name in (args.encoders if args.encoders is not None else
+                                       TINY_ENCODERS if args.tiny else "").split(",")]
     names = [name for name in names if name]
     if not names:
         raise ValueError("--encoders names no candidate: give at least one (teacher, teacher@METHOD, a registry "
                          "name, a folder or a Hub id).")
-    if args.clip is not None and not os.path.isdir(args.clip):
-        raise FileNotFoundError(f"--clip {args.clip}: no such folder; give a folder holding a transformers CLIPModel "
-                                "and its processor (both saved with save_pretrained).")
+    if args.clip is not None:
+        from ..evaluation.metrics import check_clip_folder
+
+        check_clip_folder(args.clip)  # before the pipeline loads
     device = options.resolve_device(args.device)
+    options.check_offload(args.offload, device)
 
     import torch
 
@@ -134,16 +140,6 @@ def _default_cache() -> str:
     from huggingface_hub import constants
 
     return os.path.join(constants.HF_HOME, "flux-small-encoder", "teacher-images")
-
-
-def _ints(text: str, option: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{option} {text!r}: give whole numbers separated by commas, such as 0,1.") from None
-    if not values:
-        raise ValueError(f"{option} is empty: give at least one seed.")
-    return values
 
 
 def _summary_table(results) -> str:

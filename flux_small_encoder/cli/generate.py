@@ -21,7 +21,7 @@ def register(subparsers) -> None:
         ],
         run=run_generate,
     )
-    parser.add_argument("prompt")
+    parser.add_argument("prompt", type=options.prompt)
     parser.add_argument("--model", default="black-forest-labs/FLUX.1-dev", help="pipeline repo id or folder")
     parser.add_argument("--encoder", default="t5-base-distilled", help="registry name, folder or repo id")
     options.add_out(parser, default="image.png", help="where to write the PNG")
@@ -29,7 +29,7 @@ def register(subparsers) -> None:
     parser.add_argument("--guidance", type=options.guidance_scale, default=3.5, help="guidance scale")
     parser.add_argument("--height", type=options.image_side, default=1024, help="image height, a multiple of 16")
     parser.add_argument("--width", type=options.image_side, default=1024, help="image width, a multiple of 16")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=options.seed, default=0, help="seed of the initial noise, 0 to 2**63 - 1")
     options.add_dtype(parser, choices=("bfloat16", "float16", "float32"), default="bfloat16",
                       help="dtype of the pipeline and the encoder")
     options.add_device(parser)
@@ -42,7 +42,7 @@ def register(subparsers) -> None:
         examples=["--out demo.png"], run=run_demo,
     )
     options.add_out(parser, default="demo.png", help="where to write the PNG")
-    parser.add_argument("--prompt", default="a cat holding a sign that says hello")
+    parser.add_argument("--prompt", type=options.prompt, default="a cat holding a sign that says hello")
 
 
 def run_generate(args: argparse.Namespace) -> None:
@@ -53,9 +53,7 @@ def run_generate(args: argparse.Namespace) -> None:
     _check_pipeline_folder(args.model)
     resolved = resolve_encoder(args.encoder)
     device = options.resolve_device(args.device)
-    if args.offload and device == "cpu":
-        raise ValueError("--offload moves each model to an accelerator only while it runs, and torch sees none here "
-                         "(--device cpu): leave --offload out.")
+    options.check_offload(args.offload, device)
     dtype = options.resolve_dtype(args.dtype)
 
     import torch

@@ -78,15 +78,84 @@ def guidance_scale(text: str) -> float:
     return value
 
 
+# The largest image side taken: FLUX is trained up to about 2 megapixels (such as 1408x1408), and a side far beyond
+# that only runs out of memory after the pipeline has loaded.
+MAX_IMAGE_SIDE = 8192
+# Seeds from 0 to 2**63 - 1: torch.Generator.manual_seed takes up to 2**64 - 1 and maps negative seeds onto that
+# range (-1 is 2**64 - 1), so a seed stays one name for one noise, and an int64 everywhere it is kept.
+SEED_LIMIT = 2**63
+
+
 def image_side(text: str) -> int:
     """An argparse `type`: an image height or width in pixels, a multiple of 16 as FLUX needs (8 for the VAE, 2 for
-    packing latents into tokens); FLUX would silently resize any other."""
+    packing latents into tokens), FLUX would silently resize any other; and at most `MAX_IMAGE_SIDE`."""
     value = positive_int(text)
     if value % 16:
         lower, upper = value // 16 * 16, (value // 16 + 1) * 16
         nearest = f"{lower} or {upper}" if lower else f"{upper}"
         raise argparse.ArgumentTypeError(f"{text} is not a multiple of 16, which FLUX needs: use {nearest}")
+    if value > MAX_IMAGE_SIDE:
+        raise argparse.ArgumentTypeError(f"{text} px is too large a side: FLUX is trained up to about 2 megapixels "
+                                         f"(1024x1024 is typical); use at most {MAX_IMAGE_SIDE}")
     return value
+
+
+def prompt(text: str) -> str:
+    """An argparse `type`: a prompt, refused when the shell passed bytes that are not UTF-8 text (Python keeps them as
+    lone surrogates, which no tokenizer takes)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        byte = ord(text[error.start]) - 0xDC00 if 0xDC80 <= ord(text[error.start]) <= 0xDCFF else None
+        what = f"byte 0x{byte:02x}" if byte is not None else "a lone surrogate"
+        raise argparse.ArgumentTypeError(
+            f"the prompt {text!r} is not valid UTF-8 text ({what} at character {error.start}): pass the prompt in "
+            "UTF-8 (set the terminal or the file it comes from to UTF-8, or convert it with iconv -t UTF-8)"
+        ) from None
+    return text
+
+
+def seed(text: str) -> int:
+    """An argparse `type`: a seed, a whole number from 0 to `SEED_LIMIT - 1`."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number: give a seed such as 0") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"{text} is out of range: a seed is a whole number from 0 to "
+                                         f"{SEED_LIMIT - 1} (2**63 - 1)")
+    return value
+
+
+def seed_list(text: str) -> list[int]:
+    """An argparse `type`: comma-separated seeds (`0,1`), each a `seed`, none empty or given twice."""
+    parts = [part.strip() for part in text.split(",")]
+    if "" in parts:
+        raise argparse.ArgumentTypeError(f"{text!r} has an empty item: give seeds separated by single commas, such as "
+                                         "0,1")
+    values = [seed(part) for part in parts]
+    if twice := sorted({value for value in values if values.count(value) > 1}):
+        raise argparse.ArgumentTypeError(f"{text!r} gives the seed {', '.join(map(str, twice))} more than once: each "
+                                         "seed makes the same images again; give each once")
+    return values
+
+
+def memory_budget(text: str) -> float:
+    """An argparse `type`: a memory budget as `parse_budget` reads it (`24`, `24GiB`, `16000MiB`), in GiB."""
+    from ..messages import parse_budget
+
+    try:
+        return parse_budget(text) / 2**30
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).rstrip(".")) from None
+
+
+def check_offload(offload: bool, device: str) -> None:
+    """Refuse `--offload` on the CPU, where there is no accelerator to move each model to: called before any model
+    loads, by every command that takes `--offload`."""
+    if offload and device == "cpu":
+        raise ValueError("--offload moves each model to an accelerator only while it runs, and torch sees none here "
+                         "(--device cpu): leave --offload out.")
 
 
 # --- Hub ------------------------------------------------------------------------------------------------------------

@@ -29,11 +29,11 @@ def register(subparsers) -> None:
 
 
 def add_vram(parser: argparse.ArgumentParser, required: bool) -> None:
-    """`--vram GIB`: what the pipeline may allocate on the GPU (shared with `generate`)."""
+    """`--vram GIB`: what the pipeline may allocate on the GPU (shared with `generate`), in GiB once parsed."""
     parser.add_argument(
-        "--vram", type=float, required=required, metavar="GIB",
+        "--vram", type=options.memory_budget, required=required, metavar="GIB",
         help="GiB the pipeline may allocate on the GPU (a 24 GB card: 24, less what its display and the CUDA "
-             "context take)",
+             "context take); a unit may follow: 24GiB, 16000MiB",
     )
 
 

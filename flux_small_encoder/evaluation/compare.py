@@ -225,9 +225,10 @@ class Comparison:
         scores = {}
         for number, batch in self._batches(TEACHER):
             keys = [cache.key(self.prompts[i].text, seed, settings, dtype) for i, seed in batch] if cache else []
-            if cache is not None and all(cache.path(key).is_file() for key in keys):
-                for job, key in zip(batch, keys, strict=True):
-                    store.put(REFERENCE, job, cache.path(key))
+            found = [cache.find(key) for key in keys] if cache is not None else [None]
+            if all(found):  # else made again (the whole batch, as candidates are sampled) and rewritten
+                for job, path in zip(batch, found, strict=True):
+                    store.put(REFERENCE, job, path)
             else:
                 # The batches candidates are sampled in: the `teacher` candidate's images then match to the bit.
                 trajectory, predictions = self._trajectory(batch), []

@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -37,6 +38,8 @@ from ..private_api import unpack_latents
 from ..training.batch import latent_shape, start_trajectory
 from ..training.distill import Trajectory, VisionDistillation, flux_schedule
 from ..training.models import FrozenParts, clip_pooled_embeds, tokenize_t5
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -231,6 +234,23 @@ class TeacherImageCache:
     def path(self, key: dict) -> Path:
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         return self.folder / f"teacher-{digest}.png"
+
+    def find(self, key: dict) -> Path | None:
+        """The cached image of `key`, or `None` when there is none or it cannot be read: a damaged entry (a truncated
+        or overwritten PNG) is logged once, naming the file, and is made again and rewritten by the caller."""
+        from PIL import Image
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            with Image.open(path) as image:
+                image.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as error:  # what PIL raises for a damaged file
+            logger.warning("The teacher image cache entry %s cannot be read (%s): it is made again and replaced.",
+                           path, " ".join(str(error).split()) or type(error).__name__)
+            return None
+        return path
 
     def save(self, key: dict, image: torch.Tensor) -> Path:
         from PIL import PngImagePlugin

@@ -123,6 +123,34 @@ def embedding_metrics(embeds: torch.Tensor, teacher_embeds: torch.Tensor) -> dic
     return {"embedding_cosine": cosine.clamp(-1, 1).tolist(), "embedding_mse": mse.tolist()}
 
 
+_CLIP_FIX = ("give a local CLIP model folder such as openai/clip-vit-large-patch14 downloaded with hf download (a "
+             "CLIPModel and its processor)")
+
+
+def check_clip_folder(path: str | os.PathLike) -> None:
+    """Refuse a `--clip` folder that does not hold a CLIP model, from its config.json alone (model_type "clip"),
+    before anything loads: transformers would print a long load report, then fail on the processor.
+
+    Raises:
+        FileNotFoundError: no such folder, or it has no config.json.
+        ValueError: its config.json is not a CLIP model's (or not a model's config at all).
+    """
+    import json
+
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--clip {path}: no such folder; {_CLIP_FIX}.")
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"--clip {path} is not a CLIP model: it has no config.json; {_CLIP_FIX}.")
+    try:
+        model_type = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError):
+        model_type = None  # not a model's config: refused below
+    if model_type != "clip":
+        raise ValueError(f"--clip {path} is not a CLIP model (its config says model_type {model_type!r}): "
+                         f"{_CLIP_FIX}.")
+
+
 class ClipScorer:
     """CLIP score, `100 * max(cos(image, text), 0)` (as torchmetrics' `CLIPScore` defines it), with a local model.
 
@@ -137,9 +165,7 @@ class ClipScorer:
     def __init__(self, path: str | os.PathLike, device: torch.device | str = "cpu"):
         from transformers import AutoProcessor, CLIPModel
 
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"--clip {path}: no such folder; give a folder saved by CLIPModel.save_pretrained "
-                                    "and its processor's save_pretrained.")
+        check_clip_folder(path)
         self.model = CLIPModel.from_pretrained(path).eval().to(device)
         self.processor = AutoProcessor.from_pretrained(path)
         self.device = device

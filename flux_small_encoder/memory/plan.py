@@ -8,17 +8,14 @@ while its phase runs, and one at a time, since a phase's components run one afte
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass
 
 import torch
 
+from ..messages import parse_budget
 from .activations import Activation, ActivationTable, GiB
 from .recipes import RECIPES, Placement, Recipe, get_recipe
 from .sizes import COMPONENT_PHASES, PHASES, PipelineFootprint, pipeline_footprint
-
-_UNITS = {"": GiB, "gib": GiB, "gb": 10**9, "mib": 2**20, "mb": 10**6}
 
 
 class MemoryBudgetError(ValueError):
@@ -27,22 +24,6 @@ class MemoryBudgetError(ValueError):
     def __init__(self, message: str, smallest: int):
         super().__init__(message)
         self.smallest = smallest
-
-
-def parse_budget(budget: str | int | float) -> int:
-    """A memory budget in bytes: a number of GiB (`24`, `"23.5"`), or a string with its unit (`"24GiB"`,
-    `"24 GB"`, `"16000MiB"`)."""
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        number, unit = float(budget), ""
-    else:
-        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(budget))
-        if match is None or match.group(2).lower() not in _UNITS:
-            raise ValueError(f"memory budget {budget!r} is not a size: write it as 24, '24GiB', '24GB' or '16000MiB'.")
-        number, unit = float(match.group(1)), match.group(2).lower()
-    if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"memory budget {budget!r} must be a finite size above zero: write it as 24, '24GiB' or "
-                         "'16000MiB'.")
-    return int(number * _UNITS[unit])
 
 
 @dataclass(frozen=True)
