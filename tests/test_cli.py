@@ -182,7 +182,9 @@ def _bad_config_value(tmp_path, monkeypatch):
 
 def _yaml_python_tag(tmp_path, monkeypatch):
     (tmp_path / "evil.yaml").write_text('model: !!python/object/apply:os.system ["echo pwned"]\n')
-    return ["train", "--config", str(tmp_path / "evil.yaml")], "ConstructorError: could not determine a constructor"
+    return ["train", "--config", str(tmp_path / "evil.yaml")], (
+        "evil.yaml, line 1, column 8: could not determine a constructor for the tag "
+        "'tag:yaml.org,2002:python/object/apply:os.system'; correct the YAML there.")
 
 
 def _missing_out_folder(tmp_path, monkeypatch):
