@@ -467,6 +467,21 @@ def test_generate_model_that_is_not_a_pipeline_is_refused_first(kind, saved, tmp
     )
 
 
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_generate_model_that_is_no_folder_nor_repo_id_is_refused_first(kind, saved, tmp_path, no_pipeline_is_loaded,
+                                                                       capsys, monkeypatch):
+    monkeypatch.setattr(registry, "load_encoder", lambda *args, **kwargs: pytest.fail("the encoder was loaded"))
+    model = tmp_path / "no" / "FLUX.1-dev"
+    if kind == "file":
+        model.parent.mkdir()
+        model.write_text("")
+    what = "does not exist" if kind == "missing" else "is not a folder"
+    assert cli_error(generate_args(model, saved, tmp_path / "cat.png"), capsys) == (
+        f"error: --model {model} {what}, and it is not a Hub repo id ('owner/name'): give a diffusers pipeline folder "
+        "(with its model_index.json) or a Hub repo id such as black-forest-labs/FLUX.1-dev."
+    )
+
+
 def test_generate_out_into_a_missing_folder_fails_before_loading(saved, tmp_path, no_pipeline_is_loaded, capsys,
                                                                  monkeypatch):
     monkeypatch.setattr(registry, "load_encoder", lambda *args, **kwargs: pytest.fail("the encoder was loaded"))
