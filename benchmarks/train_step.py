@@ -20,7 +20,6 @@ proportion is smaller (T5-XXL's forward on 512 tokens is ~4.9 TFLOP against ~37 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import tempfile
 import time
@@ -34,7 +33,7 @@ def build(args):
 
     from flux_small_encoder.modeling import DistilledT5EncoderModel
     from flux_small_encoder.tiny import tiny_t5_config
-    from flux_small_encoder.torch_utils import default_device
+    from flux_small_encoder.torch_utils import default_device, default_dtype
     from flux_small_encoder.training import DistillationTrainer, load_config, model_source
 
     dtype = getattr(torch, args.dtype)
@@ -48,7 +47,7 @@ def build(args):
     torch.manual_seed(0)
     # Frozen models are built directly on the device in their dtype (FLUX.1's 12B transformer would take minutes
     # to initialise on a CPU and does not fit in float32 beside T5-XXL).
-    with torch.device(device), _default_dtype(dtype):
+    with torch.device(device), default_dtype(dtype):
         if args.size == "flux":  # FLUX.1's transformer and T5-XXL's encoder, random weights
             transformer = FluxTransformer2DModel(guidance_embeds=True, pooled_projection_dim=32)
             teacher = T5EncoderModel(tiny_t5_config(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24))
@@ -75,16 +74,6 @@ def build(args):
     trainer = DistillationTrainer(config, frozen=frozen, teacher=teacher, student=student)
     trainer.setup()
     return trainer
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def main():

@@ -1,6 +1,10 @@
-"""Two torch defaults used across the package: which device to run on, and which dtype a precision setting means."""
+"""torch defaults used across the package: which device to run on, which dtype a precision setting means, and the
+default dtype of modules being built."""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -12,6 +16,17 @@ PRECISION_DTYPES = {"no": torch.float32, "bf16": torch.bfloat16}
 def default_device() -> str:
     """`"cuda"` where a CUDA device is available, else `"cpu"`."""
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules in `dtype` inside the block (`torch.set_default_dtype`), and put the previous default back."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def as_dtype(dtype: torch.dtype | str | None, argument: str = "dtype") -> torch.dtype | None:

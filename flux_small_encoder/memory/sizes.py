@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..private_api import offload_layer_types
+from ..torch_utils import default_dtype
 
 # Which phase of a text-to-image call runs each component; a component not named here counts in every phase.
 PHASES = ("encode", "denoise", "decode")
@@ -204,7 +205,7 @@ def build_component(spec: dict, *, dtype: torch.dtype, device: str | torch.devic
     from diffusers import ModelMixin
 
     cls = getattr(importlib.import_module(spec["library"]), spec["class"])
-    with torch.device(device), _default_dtype(dtype), _quiet():
+    with torch.device(device), default_dtype(dtype), _quiet():
         if issubclass(cls, ModelMixin):
             return cls.from_config(spec["config"]).eval()
         return cls(cls.config_class.from_dict(spec["config"])).eval()  # transformers
@@ -273,7 +274,7 @@ def _float8_bytes(module: nn.Module, largest_layers: list[int]) -> int | None:
 
     if not isinstance(module, ModelMixin):
         return None
-    with torch.device("meta"), _default_dtype(module.dtype), _quiet():
+    with torch.device("meta"), default_dtype(module.dtype), _quiet():
         twin = type(module).from_config(module.config)
     twin.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=module.dtype)
     return _nbytes(twin) + (largest_layers[0] if largest_layers else 0)
@@ -287,16 +288,6 @@ def _vae_geometry(config) -> dict[str, int]:
     from ..training.models import vae_scale_factor
 
     return {"vae_sample_size": sample_size, "vae_scale_factor": vae_scale_factor(config)}
-
-
-@contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype):
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 @contextlib.contextmanager
