@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .atomic import atomic_file, atomic_folder
@@ -95,7 +95,7 @@ def _check_replaceable(dst: Path) -> None:
         try:
             with safe_open(dst, "pt"):  # the header only
                 pass
-        except Exception:  # safetensors raises its own SafetensorError for a file it cannot parse
+        except (SafetensorError, OSError):
             raise ValueError(
                 f"{refusal}: it is not a safetensors file (its header does not parse), so it holds no weights "
                 f"--overwrite may replace; {keep}."
