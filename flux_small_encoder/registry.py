@@ -104,6 +104,22 @@ def is_repo_id(name: str | None) -> bool:
     return True
 
 
+def check_pipeline_source(model: str | os.PathLike, label: str) -> None:
+    """Raise `FileNotFoundError` unless `model` is a folder or a Hub repo id: a diffusers pipeline could come from it.
+
+    Args:
+        model: A `--model` argument: a pipeline folder or a Hub repo id.
+        label: How the message names it (`--model PATH`, `'PATH'`).
+    """
+    name = os.fspath(model)
+    if not os.path.isdir(name) and (os.path.lexists(name) or not is_repo_id(name)):
+        what = "is not a folder" if os.path.lexists(name) else "does not exist"
+        raise FileNotFoundError(
+            f"{label} {what}, and it is not a Hub repo id ('owner/name'): give a diffusers pipeline folder (with its "
+            "model_index.json) or a Hub repo id such as black-forest-labs/FLUX.1-dev."
+        )
+
+
 @dataclass(frozen=True)
 class ResolvedEncoder:
     """Where an `encoder` argument points: a local folder (or file), or a Hub repo (and revision) to load from.

@@ -107,17 +107,10 @@ def run_generate(args: argparse.Namespace) -> None:
 def _check_pipeline_folder(model: str) -> None:
     """Refuse a `--model` that is neither a diffusers pipeline folder nor a Hub repo id, before any weight is read,
     saying what it looks like instead."""
-    from ..registry import is_repo_id
+    from ..registry import check_pipeline_source
 
-    if not os.path.isdir(model):
-        if os.path.lexists(model) or not is_repo_id(model):
-            what = "is not a folder" if os.path.lexists(model) else "does not exist"
-            raise FileNotFoundError(
-                f"--model {model} {what}, and it is not a Hub repo id ('owner/name'): give a diffusers pipeline "
-                "folder (with its model_index.json) or a Hub repo id such as black-forest-labs/FLUX.1-dev."
-            )
-        return
-    if os.path.isfile(os.path.join(model, "model_index.json")):
+    check_pipeline_source(model, f"--model {model}")
+    if not os.path.isdir(model) or os.path.isfile(os.path.join(model, "model_index.json")):
         return
     looks_like = (
         " It holds a config.json: a single model, such as an encoder (which goes to --encoder)."

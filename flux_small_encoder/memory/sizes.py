@@ -214,15 +214,10 @@ def build_component(spec: dict, *, dtype: torch.dtype, device: str | torch.devic
 def _folder_specs(model: str | os.PathLike, revision: str | None, hub_kwargs: dict) -> tuple[dict, list[str]]:
     """The spec of each model component of a pipeline folder or Hub repo (JSON files only), and the components it
     was saved without."""
-    from ..registry import is_repo_id
+    from ..registry import check_pipeline_source
 
+    check_pipeline_source(model, repr(os.fspath(model)))
     folder = Path(model)
-    if not folder.is_dir() and (os.path.lexists(folder) or not is_repo_id(os.fspath(model))):
-        what = "is not a folder" if os.path.lexists(folder) else "does not exist"
-        raise FileNotFoundError(
-            f"{os.fspath(model)!r} {what}, and it is not a Hub repo id ('owner/name'): give a diffusers pipeline "
-            "folder (with its model_index.json) or a Hub repo id such as black-forest-labs/FLUX.1-dev."
-        )
     if not folder.is_dir():
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
