@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -165,6 +166,18 @@ def seeded_hub(public_checkpoint) -> Path:
     """The public-layout tiny student cached as `LifuWang/DistillT5`, so `"t5-base-distilled"` resolves offline."""
     files = {name: public_checkpoint / name for name in ("config.json", "model.safetensors")}
     return seed_hub_cache("LifuWang/DistillT5", files)
+
+
+@pytest.fixture(scope="session")
+def pipeline_folder(tmp_path_factory, flux_components) -> Path:
+    """A tiny FLUX pipeline saved without its T5 encoder, as `load_pipeline` and `generate --model` take it (read
+    only: tests that change a pipeline folder save their own)."""
+    from diffusers import FluxPipeline
+
+    folder = tmp_path_factory.mktemp("pipeline") / "tiny-flux"
+    build_pipeline(FluxPipeline, flux_components).save_pretrained(folder)
+    shutil.rmtree(folder / "text_encoder_2")
+    return folder
 
 
 def build_pipeline(pipeline_cls, components: dict, **overrides):

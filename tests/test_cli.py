@@ -1,6 +1,5 @@
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 
@@ -59,12 +58,9 @@ def test_demo_writes_an_image_offline(tmp_path, capsys):
     assert "DistilledT5EncoderModel" in capsys.readouterr().out
 
 
-def test_generate_end_to_end_with_a_local_pipeline(make_pipe, seeded_hub, tmp_path):
-    model = tmp_path / "tiny-flux"
-    make_pipe().save_pretrained(model)
-    shutil.rmtree(model / "text_encoder_2")
+def test_generate_end_to_end_with_a_local_pipeline(pipeline_folder, seeded_hub, tmp_path):
     out = tmp_path / "cat.png"
-    argv = ["generate", "a cat", "--model", str(model), "--encoder", "t5-base-distilled", "--out", str(out),
+    argv = ["generate", "a cat", "--model", str(pipeline_folder), "--encoder", "t5-base-distilled", "--out", str(out),
             "--steps", "2", "--height", "32", "--width", "32", "--dtype", "float32", "--device", "cpu"]
     assert main(argv) == 0
     assert np.asarray(Image.open(out)).shape == (32, 32, 3)

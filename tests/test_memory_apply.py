@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
@@ -134,24 +132,16 @@ def test_a_pipeline_already_offloaded_is_refused(make_pipe):
 # --- load_pipeline --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tiny_folder(make_pipe, seeded_hub, tmp_path):
-    folder = tmp_path / "tiny-flux"
-    make_pipe().save_pretrained(folder)
-    shutil.rmtree(folder / "text_encoder_2")
-    return folder
-
-
-def test_load_pipeline_applies_the_plan_for_its_budget_and_size(tiny_folder):
-    reference = load_pipeline(tiny_folder, dtype=torch.float32)
+def test_load_pipeline_applies_the_plan_for_its_budget_and_size(pipeline_folder, seeded_hub):
+    reference = load_pipeline(pipeline_folder, dtype=torch.float32)
     # The shipped table at 1024 px: the smallest budget that plans group offloading.
     predictions = plan_memory(reference, 100, size=1024).predictions
     group = next(p for p in predictions if p.recipe.name == "group_offload")
     budget = group.peak / (1 - ActivationTable.load().headroom) / GiB + 1e-9
-    pipe = load_pipeline(tiny_folder, dtype=torch.float32, memory_budget=budget, size=1024)
+    pipe = load_pipeline(pipeline_folder, dtype=torch.float32, memory_budget=budget, size=1024)
     assert offloaded_by_groups(pipe) == set(MODULES)
     with pytest.raises(MemoryBudgetError, match="a budget of at least"):
-        load_pipeline(tiny_folder, dtype=torch.float32, memory_budget=budget * 0.99, size=1024)
+        load_pipeline(pipeline_folder, dtype=torch.float32, memory_budget=budget * 0.99, size=1024)
 
 
 def test_load_pipeline_refuses_a_bad_budget_before_reading_anything(tmp_path):

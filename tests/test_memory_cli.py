@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-import shutil
 
 import huggingface_hub
 import numpy as np
@@ -134,33 +133,26 @@ def test_plan_refuses_an_encoder_the_transformer_cannot_read(student, tmp_path, 
     )
 
 
-@pytest.fixture
-def tiny_model(make_pipe, seeded_hub, tmp_path):
-    model = tmp_path / "tiny-flux"
-    make_pipe().save_pretrained(model)
-    shutil.rmtree(model / "text_encoder_2")
-    return model
-
-
 def generate(model, out, *extra):
     return main(["generate", "a cat", "--model", str(model), "--out", str(out), "--steps", "2", "--height", "32",
                  "--width", "32", "--dtype", "float32", "--device", "cpu", *extra])
 
 
-def test_generate_applies_the_plan_for_its_vram(tiny_model, tmp_path, capsys):
-    assert generate(tiny_model, tmp_path / "cat.png", "--vram", "1") == 0
+def test_generate_applies_the_plan_for_its_vram(pipeline_folder, seeded_hub, tmp_path, capsys):
+    assert generate(pipeline_folder, tmp_path / "cat.png", "--vram", "1") == 0
     assert re.search(r"memory plan: resident, predicted peak 0\.\d\d GiB of 1\n", capsys.readouterr().out)
     assert np.asarray(Image.open(tmp_path / "cat.png")).shape == (32, 32, 3)
 
 
-def test_generate_refuses_a_vram_nothing_fits_before_loading_weights(tiny_model, tmp_path, capsys, monkeypatch):
+def test_generate_refuses_a_vram_nothing_fits_before_loading_weights(pipeline_folder, seeded_hub, tmp_path, capsys,
+                                                                    monkeypatch):
     import diffusers
 
     def refuse(*args, **kwargs):
         raise AssertionError("the pipeline's weights were loaded")
 
     monkeypatch.setattr(diffusers.FluxPipeline, "from_pretrained", refuse)
-    assert generate(tiny_model, tmp_path / "cat.png", "--vram", "0.3") == 2
+    assert generate(pipeline_folder, tmp_path / "cat.png", "--vram", "0.3") == 2
     assert "no memory recipe fits 0.3 GiB at 32 px" in one_line_error(capsys)
     assert not (tmp_path / "cat.png").exists()
 

@@ -24,7 +24,7 @@ from flux_small_encoder.convert import convert
 from flux_small_encoder.modeling import DistilledT5EncoderModel
 from flux_small_encoder.tiny import tiny_student, tiny_teacher
 
-from .conftest import build_pipeline, seed_hub_cache
+from .conftest import seed_hub_cache
 from .test_cli import one_line_error
 
 FIX_CONFIG_FILE = (
@@ -403,15 +403,6 @@ def test_bad_config_given_to_convert_is_one_line(case, student, tmp_path, capsys
 
 
 # --- generate (item 14) ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def pipeline_folder(tmp_path_factory, flux_components) -> Path:
-    """A tiny FLUX pipeline saved without its T5 encoder, as `generate --model` takes it."""
-    folder = tmp_path_factory.mktemp("pipeline") / "tiny-flux"
-    build_pipeline(FluxPipeline, flux_components).save_pretrained(folder)
-    shutil.rmtree(folder / "text_encoder_2")
-    return folder
 
 
 FLUX = "black-forest-labs/FLUX.1-dev"
